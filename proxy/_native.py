@@ -1,0 +1,583 @@
+"""Pure-Python twin of ``proxy._speedups``: HTTP/1.1 head parsing and rewriting.
+
+Same names, same results and same ProtocolError statuses as the C extension; it
+runs when the extension is missing or ``WAKEGATE_PUREPYTHON=1`` is set. Bytes in,
+objects out: nothing here knows about sockets or asyncio.
+"""
+
+from .errors import ProtocolError
+
+MAX_HEAD_BYTES = 16 * 1024  # h11 and node: 16 KiB; longer heads get 431
+MAX_HEADERS = 100  # Apache LimitRequestFields: 100 fields; more get 431
+MAX_CHUNK_LINE_BYTES = 4096  # chunk-size line with extensions; Go net/http allows 4 KiB
+MAX_TRAILER_BYTES = 16 * 1024  # trailers get the same budget as a head
+MAX_LENGTH_DIGITS = 18  # Content-Length fits in int64, as in llhttp
+MAX_CONNECTION_OPTIONS = 32  # Connection tokens kept to strip the fields they name
+
+CHUNKED = -1  # body_length: chunked transfer coding (RFC 9112 section 7.1)
+UNTIL_CLOSE = -2  # body_length: response body delimited by connection close
+
+IMPLEMENTATION = "python"
+
+
+def _table(chars: bytes) -> bytes:
+    table = bytearray(256)
+    for c in chars:
+        table[c] = 1
+    return bytes(table)
+
+
+_DIGITS = b"0123456789"
+_ALPHA = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# RFC 9110 section 5.6.2: tchar
+_TOKEN = _table(b"!#$%&'*+-.^_`|~" + _DIGITS + _ALPHA)
+# RFC 9112 section 3.2: request-target is visible ASCII (h11 accepts the same)
+_TARGET = _table(bytes(range(0x21, 0x7F)))
+# RFC 9110 section 5.5: field-vchar, obs-text, SP and HTAB inside a value
+_VALUE = _table(bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100)) + b" \t")
+# RFC 3986 reg-name, IPv6 literal and port characters in Host
+_HOST = _table(_DIGITS + _ALPHA + b"-._~!$&'()*+,;=%:[]")
+_HEX = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+
+# Request headers never forwarded upstream (RFC 9110 section 7.6.1), plus the
+# X-Forwarded-* fields that wakegate rewrites itself.
+_REQUEST_DROP = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"upgrade",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    )
+)
+_RESPONSE_DROP = frozenset((b"connection", b"keep-alive", b"proxy-connection"))
+# Connection may name hop-by-hop fields, but never the framing or the Host:
+# dropping those would let a client desynchronise us from the upstream.
+_NEVER_DROP = frozenset((b"host", b"content-length", b"transfer-encoding"))
+
+
+def _searchable(buf, start: int):
+    """bytes or bytearray as they are; other buffers copied (the twin may copy)."""
+    if not isinstance(buf, (bytes, bytearray)):
+        buf = bytes(buf)
+    if start < 0 or start > len(buf):
+        raise ValueError("start is outside the buffer")
+    return buf
+
+
+def _find_head_end(buf, i: int, n: int) -> int:
+    """Index just past the empty line that ends the head at ``i``, or -1."""
+    j = i
+    while True:
+        k = buf.find(b"\n", j, n)
+        if k < 0 or k + 1 >= n:
+            return -1
+        c = buf[k + 1]
+        if c == 10:
+            return k + 2
+        if c == 13:
+            if k + 2 >= n:
+                return -1
+            if buf[k + 2] == 10:
+                return k + 3
+        j = k + 1
+
+
+def _split_head(buf, start: int, max_head: int):
+    """Find one head in buf[start:]; return (head_start, head_end, lines) or None."""
+    n = len(buf)
+    i = start
+    # RFC 9112 section 2.2: ignore empty lines before the start line.
+    while i + 1 < n and buf[i] == 13 and buf[i + 1] == 10:
+        i += 2
+    if i >= n or (buf[i] == 13 and i + 1 == n):
+        if n - start > max_head:
+            raise ProtocolError("request head too large", 431)
+        return None
+    end = _find_head_end(buf, i, n)
+    if end < 0:
+        if n - start > max_head:
+            raise ProtocolError("head too large", 431)
+        return None
+    if end - start > max_head:
+        raise ProtocolError("head too large", 431)
+    lines = []
+    p = i
+    while p < end:
+        k = buf.find(b"\n", p, end)
+        if k == p or buf[k - 1] != 13:
+            raise ProtocolError("bare LF where CRLF is required")
+        lines.append(bytes(buf[p : k - 1]))
+        p = k + 1
+    return i, end, lines
+
+
+def _check_token(s: bytes, what: str) -> None:
+    if not s:
+        raise ProtocolError("empty " + what)
+    for c in s:
+        if not _TOKEN[c]:
+            raise ProtocolError("invalid character in " + what)
+
+
+def _parse_fields(lines):
+    """Validate field lines; return [(name, lower_name, value)]."""
+    if len(lines) - 2 > MAX_HEADERS:
+        raise ProtocolError("too many header fields", 431)
+    fields = []
+    for line in lines[1:-1]:
+        if line[0] in (32, 9):
+            raise ProtocolError("obsolete line folding")
+        k = 0
+        n = len(line)
+        while k < n and _TOKEN[line[k]]:
+            k += 1
+        if k == n:
+            raise ProtocolError("header line without a colon")
+        c = line[k]
+        if c != 58:
+            if c in (32, 9):
+                raise ProtocolError("whitespace before the colon")
+            raise ProtocolError("invalid character in header name")
+        if k == 0:
+            raise ProtocolError("empty header name")
+        name = line[:k]
+        v = k + 1
+        e = n
+        while v < e and line[v] in (32, 9):
+            v += 1
+        while e > v and line[e - 1] in (32, 9):
+            e -= 1
+        value = line[v:e]
+        for c in value:
+            if not _VALUE[c]:
+                raise ProtocolError("invalid character in header value")
+        fields.append((name, name.lower(), value))
+    return fields
+
+
+def _parse_length(value: bytes, length: int) -> int:
+    """Merge a Content-Length field (maybe a list of equal values) into length."""
+    for part in value.split(b","):
+        part = part.strip(b" \t")
+        if not part or len(part) > MAX_LENGTH_DIGITS:
+            raise ProtocolError("invalid Content-Length")
+        for c in part:
+            if c not in _DIGITS:
+                raise ProtocolError("invalid Content-Length")
+        n = int(part)
+        if length >= 0 and n != length:
+            raise ProtocolError("differing Content-Length values")
+        length = n
+    return length
+
+
+def _comma_list(value: bytes):
+    """Lower-cased, trimmed, non-empty items of a comma-separated field value."""
+    return [p for p in (part.strip(b" \t").lower() for part in value.split(b",")) if p]
+
+
+def _add_options(tokens, value: bytes) -> None:
+    tokens += _comma_list(value)
+    if len(tokens) > MAX_CONNECTION_OPTIONS:
+        raise ProtocolError("too many Connection options")
+
+
+def _host_key(value: bytes) -> bytes:
+    """Lower-case host without the port, as used for routing (RFC 9110 section 7.2)."""
+    for c in value:
+        if not _HOST[c]:
+            raise ProtocolError("invalid Host")
+    if value[:1] == b"[":
+        k = value.find(b"]")
+        if k < 0:
+            raise ProtocolError("invalid Host")
+        host, rest = value[: k + 1], value[k + 1 :]
+    else:
+        k = value.find(b":")
+        host, rest = (value, b"") if k < 0 else (value[:k], value[k:])
+    if rest:
+        if rest[:1] != b":" or not all(c in _DIGITS for c in rest[1:]):
+            raise ProtocolError("invalid Host")
+    if b"[" in host[1:] or b"]" in host[:-1]:
+        raise ProtocolError("invalid Host")
+    return host.lower()
+
+
+class RequestHead:
+    """One parsed request head; ``raw`` holds its bytes."""
+
+    __slots__ = (
+        "raw",
+        "length",
+        "method",
+        "target",
+        "path",
+        "version",
+        "host",
+        "body_length",
+        "keep_alive",
+        "upgrade",
+        "expect_continue",
+        "is_head",
+        "headers",
+        "_fields",
+        "_drop",
+        "_host_value",
+    )
+
+    def __repr__(self) -> str:
+        return "<RequestHead %r %r HTTP/1.%d>" % (self.method, self.target, self.version)
+
+
+class ResponseHead:
+    """One parsed response head; ``raw`` holds its bytes."""
+
+    __slots__ = (
+        "raw",
+        "length",
+        "status",
+        "reason",
+        "version",
+        "body_length",
+        "keep_alive",
+        "headers",
+        "_fields",
+        "_drop",
+    )
+
+    def __repr__(self) -> str:
+        return "<ResponseHead %d HTTP/1.%d>" % (self.status, self.version)
+
+
+def _version(v: bytes) -> int:
+    if len(v) != 8 or v[:5] != b"HTTP/" or v[6] != 46 or v[5] not in _DIGITS or v[7] not in _DIGITS:
+        raise ProtocolError("malformed HTTP version")
+    if v[5] != 49:
+        raise ProtocolError("HTTP version not supported", 505)
+    return 0 if v[7] == 48 else 1
+
+
+def parse_request(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES):
+    """Parse one request head from buf[start:]; None until it is complete."""
+    buf = _searchable(buf, start)
+    split = _split_head(buf, start, max_head)
+    if split is None:
+        return None
+    head_start, end, lines = split
+    line = lines[0]
+    sp1 = line.find(b" ")
+    if sp1 < 0:
+        raise ProtocolError("malformed request line")
+    method = line[:sp1]
+    _check_token(method, "method")
+    sp2 = line.find(b" ", sp1 + 1)
+    if sp2 < 0:
+        raise ProtocolError("malformed request line")
+    target = line[sp1 + 1 : sp2]
+    if not target:
+        raise ProtocolError("empty request target")
+    for c in target:
+        if not _TARGET[c]:
+            raise ProtocolError("invalid character in request target")
+    version = _version(line[sp2 + 1 :])
+    fields = _parse_fields(lines)
+
+    host_value = None
+    hosts = 0
+    length = -1
+    codings = []
+    tokens = []
+    upgrade = None
+    expect_continue = False
+    has_codings = False
+    for _name, lower, value in fields:
+        if lower == b"host":
+            hosts += 1
+            host_value = value
+        elif lower == b"content-length":
+            length = _parse_length(value, length)
+        elif lower == b"transfer-encoding":
+            has_codings = True
+            codings += _comma_list(value)
+        elif lower == b"connection":
+            _add_options(tokens, value)
+        elif lower == b"upgrade":
+            upgrade = value
+        elif lower == b"expect":
+            if value.lower() == b"100-continue":
+                expect_continue = True
+
+    # RFC 9112 section 6.3: framing of a request body.
+    if has_codings:
+        if length >= 0:
+            raise ProtocolError("both Content-Length and Transfer-Encoding")
+        if version == 0:
+            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
+        if codings != [b"chunked"]:
+            if codings and codings[-1] == b"chunked":
+                raise ProtocolError("unsupported transfer coding", 501)
+            raise ProtocolError("invalid Transfer-Encoding")
+        body_length = CHUNKED
+    else:
+        body_length = length if length >= 0 else 0
+
+    if hosts > 1:
+        raise ProtocolError("more than one Host")
+    if hosts == 0 and version == 1:
+        raise ProtocolError("missing Host")  # RFC 9112 section 3.2
+    host = None if host_value is None else _host_key(host_value)
+    path = target
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+        # RFC 9112 section 3.2.2: the authority in an absolute-form target
+        # replaces the Host field.
+        a = target.find(b"//") + 2
+        b = a
+        while b < len(target) and target[b] not in b"/?#":
+            b += 1
+        host = _host_key(target[a:b])
+        path = target[b:]
+        if not path or path[:1] != b"/":
+            path = b"/" + path
+
+    if version == 1:
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+    if upgrade is not None and (version == 0 or b"upgrade" not in tokens):
+        upgrade = None
+
+    head = RequestHead()
+    head.raw = bytes(buf[start:end])
+    head.length = end - start
+    head.method = method
+    head.target = target
+    head.path = path
+    head.version = version
+    head.host = host
+    head.body_length = body_length
+    head.keep_alive = keep_alive
+    head.upgrade = upgrade
+    head.expect_continue = expect_continue
+    head.is_head = method == b"HEAD"
+    head.headers = [(name, value) for name, _lower, value in fields]
+    head._fields = fields
+    head._drop = _REQUEST_DROP.union(t for t in tokens if t not in _NEVER_DROP)
+    head._host_value = host_value
+    return head
+
+
+def parse_response(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES, head_request: bool = False):
+    """Parse one response head from buf[start:]; None until it is complete."""
+    buf = _searchable(buf, start)
+    split = _split_head(buf, start, max_head)
+    if split is None:
+        return None
+    head_start, end, lines = split
+    line = lines[0]
+    version = _version(line[:8])
+    if len(line) < 12 or line[8] != 32 or not all(c in _DIGITS for c in line[9:12]):
+        raise ProtocolError("malformed status line")
+    status = int(line[9:12])
+    if len(line) > 12:
+        if line[12] != 32:
+            raise ProtocolError("malformed status line")
+        reason = line[13:]
+        for c in reason:
+            if not _VALUE[c]:
+                raise ProtocolError("invalid character in reason phrase")
+    else:
+        reason = b""
+    if status < 100:
+        raise ProtocolError("malformed status line")
+    fields = _parse_fields(lines)
+
+    length = -1
+    has_codings = False
+    codings = []
+    tokens = []
+    for _name, lower, value in fields:
+        if lower == b"content-length":
+            length = _parse_length(value, length)
+        elif lower == b"transfer-encoding":
+            has_codings = True
+            codings += _comma_list(value)
+        elif lower == b"connection":
+            _add_options(tokens, value)
+    if version == 1:
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+
+    # RFC 9112 section 6.3: framing of a response body.
+    if head_request or status < 200 or status == 204 or status == 304:
+        body_length = 0
+    elif has_codings:
+        body_length = CHUNKED if codings and codings[-1] == b"chunked" else UNTIL_CLOSE
+        if length >= 0:
+            keep_alive = False  # both framings: trust neither connection afterwards
+    elif length >= 0:
+        body_length = length
+    else:
+        body_length = UNTIL_CLOSE
+    if body_length == UNTIL_CLOSE:
+        keep_alive = False
+
+    head = ResponseHead()
+    head.raw = bytes(buf[start:end])
+    head.length = end - start
+    head.status = status
+    head.reason = reason
+    head.version = version
+    head.body_length = body_length
+    head.keep_alive = keep_alive
+    head.headers = [(name, value) for name, _lower, value in fields]
+    head._fields = fields
+    # Upgrade stays on a 101 even though its Connection names it.
+    head._drop = _RESPONSE_DROP.union(t for t in tokens if t not in _NEVER_DROP and t != b"upgrade")
+    return head
+
+
+def build_request(head, client_addr: bytes, proto: bytes = b"http", extra: bytes = b"") -> bytes:
+    """The head to send upstream: hop-by-hop fields out, X-Forwarded-* in."""
+    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n" if head.version else b" HTTP/1.0\r\n"]
+    drop = head._drop
+    forwarded_for = []
+    for name, lower, value in head._fields:
+        if lower in drop:
+            if lower == b"x-forwarded-for" and value:
+                forwarded_for.append(value)
+            continue
+        out += (name, b": ", value, b"\r\n")
+    forwarded_for.append(client_addr)
+    out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+    out += (b"X-Forwarded-Proto: ", proto, b"\r\n")
+    if head._host_value is not None:
+        out += (b"X-Forwarded-Host: ", head._host_value, b"\r\n")
+    if head.upgrade is not None:
+        out += (b"Connection: upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
+    elif not head.version:
+        out.append(b"Connection: keep-alive\r\n")
+    out += (extra, b"\r\n")
+    return b"".join(out)
+
+
+def build_response(head, keep_alive: bool, client_version: int = 1, extra: bytes = b"") -> bytes:
+    """The head to send the client: hop-by-hop fields out, our Connection in."""
+    out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
+    drop = head._drop
+    upgrading = head.status == 101
+    for name, lower, value in head._fields:
+        if lower in drop or (lower == b"upgrade" and not upgrading):
+            continue
+        out += (name, b": ", value, b"\r\n")
+    if upgrading:
+        out.append(b"Connection: upgrade\r\n")
+    elif not keep_alive:
+        out.append(b"Connection: close\r\n")
+    elif not client_version:
+        out.append(b"Connection: keep-alive\r\n")
+    out += (extra, b"\r\n")
+    return b"".join(out)
+
+
+# ChunkedScanner states
+_SIZE, _SIZE_EXT, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE = range(9)
+
+
+class ChunkedScanner:
+    """Finds where a chunked body ends (RFC 9112 section 7.1) without copying it.
+
+    ``feed(buf, start)`` returns how many bytes from ``start`` belong to the
+    body; ``done`` turns true once the last chunk and trailers are through.
+    """
+
+    __slots__ = ("_state", "_remaining", "_digits", "_line", "_trailer")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._remaining = 0
+        self._digits = 0
+        self._line = 0
+        self._trailer = 0
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    def feed(self, buf, start: int = 0) -> int:
+        n = len(buf)
+        i = start
+        state = self._state
+        while i < n and state != _DONE:
+            if state == _DATA:
+                take = min(self._remaining, n - i)
+                i += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    state = _DATA_CR
+                continue
+            c = buf[i]
+            i += 1
+            if state == _SIZE:
+                self._line += 1
+                if c in _HEX:
+                    if self._digits == 16:
+                        raise ProtocolError("chunk size too large")
+                    self._remaining = self._remaining * 16 + _HEX[c]
+                    self._digits += 1
+                    continue
+                if not self._digits:
+                    raise ProtocolError("invalid chunk size")
+                if c == 13:
+                    state = _SIZE_LF
+                elif c in (59, 32, 9):  # ';' or BWS before it
+                    state = _SIZE_EXT
+                else:
+                    raise ProtocolError("invalid chunk size")
+            elif state == _SIZE_EXT:
+                self._line += 1
+                if self._line > MAX_CHUNK_LINE_BYTES:
+                    raise ProtocolError("chunk extension too long")
+                if c == 13:
+                    state = _SIZE_LF
+                elif not _VALUE[c]:
+                    raise ProtocolError("invalid chunk extension")
+            elif state == _SIZE_LF:
+                if c != 10:
+                    raise ProtocolError("bare CR in chunk size line")
+                self._digits = 0
+                self._line = 0
+                state = _DATA if self._remaining else _TRAILER
+            elif state == _DATA_CR:
+                if c != 13:
+                    raise ProtocolError("chunk data not followed by CRLF")
+                state = _DATA_LF
+            elif state == _DATA_LF:
+                if c != 10:
+                    raise ProtocolError("chunk data not followed by CRLF")
+                state = _SIZE
+            elif state == _TRAILER:
+                self._trailer += 1
+                if self._trailer > MAX_TRAILER_BYTES:
+                    raise ProtocolError("trailer section too large", 431)
+                if c == 13:
+                    state = _TRAILER_LF
+                elif c == 10 or not _VALUE[c] and c != 58:
+                    raise ProtocolError("invalid character in trailer")
+                else:
+                    self._line += 1
+            elif state == _TRAILER_LF:
+                if c != 10:
+                    raise ProtocolError("bare CR in trailer")
+                if self._line == 0:
+                    state = _DONE
+                else:
+                    self._line = 0
+                    state = _TRAILER
+        self._state = state
+        return i - start

@@ -1,0 +1,1287 @@
+/* proxy._speedups: HTTP/1.1 head parsing and rewriting for wakegate's hot path.
+ *
+ * The same API, results and ProtocolError statuses as proxy/_native.py, which is
+ * the readable reference; input comes in through the buffer protocol without a
+ * copy, and each parsed head keeps one bytes copy of itself plus field offsets.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <string.h>
+
+#define MAX_HEAD_BYTES (16 * 1024)     /* h11 and node: 16 KiB; longer heads get 431 */
+#define MAX_HEADERS 100                /* Apache LimitRequestFields: 100 fields; more get 431 */
+#define MAX_CHUNK_LINE_BYTES 4096      /* chunk-size line with extensions; Go net/http allows 4 KiB */
+#define MAX_TRAILER_BYTES (16 * 1024)  /* trailers get the same budget as a head */
+#define MAX_LENGTH_DIGITS 18           /* Content-Length fits in int64, as in llhttp */
+#define MAX_CONNECTION_OPTIONS 32      /* Connection tokens kept to strip named fields */
+
+#define CHUNKED (-1)
+#define UNTIL_CLOSE (-2)
+
+static PyObject *ProtocolError; /* proxy.errors.ProtocolError */
+
+/* ---- character classes (RFC 9110 section 5.6.2, 5.5; RFC 9112 section 3.2) ---- */
+
+enum { C_TOKEN = 1, C_TARGET = 2, C_VALUE = 4, C_HOST = 8, C_DIGIT = 16 };
+static unsigned char cls[256];
+static unsigned char lower[256];
+static signed char hexval[256];
+
+static void
+init_tables(void)
+{
+    const char *tchar = "!#$%&'*+-.^_`|~";
+    const char *hostc = "-._~!$&'()*+,;=%:[]";
+    for (int c = 0; c < 256; c++) {
+        unsigned char k = 0;
+        int alnum = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+        if (alnum || (c && strchr(tchar, c))) k |= C_TOKEN;
+        if (c >= 0x21 && c <= 0x7e) k |= C_TARGET | C_VALUE;
+        if (c >= 0x80 || c == ' ' || c == '\t') k |= C_VALUE;
+        if (alnum || (c && strchr(hostc, c))) k |= C_HOST;
+        if (c >= '0' && c <= '9') k |= C_DIGIT;
+        cls[c] = k;
+        lower[c] = (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : (unsigned char)c;
+        hexval[c] = (c >= '0' && c <= '9') ? c - '0'
+                  : (c >= 'a' && c <= 'f') ? c - 'a' + 10
+                  : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
+    }
+}
+
+static int
+ieq(const unsigned char *s, Py_ssize_t n, const char *lit, Py_ssize_t litlen)
+{
+    if (n != litlen) return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (lower[s[i]] != (unsigned char)lit[i]) return 0;
+    return 1;
+}
+#define IEQ(s, n, lit) ieq((s), (n), lit, (Py_ssize_t)sizeof(lit) - 1)
+
+static PyObject *
+fail(const char *message, int status)
+{
+    PyObject *exc = PyObject_CallFunction(ProtocolError, "si", message, status);
+    if (exc) {
+        PyErr_SetObject(ProtocolError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* ---- fields ---- */
+
+enum { F_KEEP = 0, F_DROP = 1, F_FORWARDED_FOR = 2, F_UPGRADE = 3 };
+
+typedef struct {
+    Py_ssize_t name, name_len, value, value_len; /* offsets into raw */
+    int kind;                                    /* F_* for the rewrite */
+} Field;
+
+typedef struct {
+    Py_ssize_t off, len;
+} Span;
+
+/* Connection options (RFC 9110 section 7.6.1), lower-cased on comparison. */
+typedef struct {
+    int count, close, keep_alive, upgrade;
+    Span option[MAX_CONNECTION_OPTIONS];
+} Options;
+
+static int
+is_ows(unsigned char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* Add the comma-separated options of one Connection field. */
+static int
+add_options(Options *o, const unsigned char *raw, Py_ssize_t off, Py_ssize_t len)
+{
+    Py_ssize_t p = off, end = off + len;
+    while (p <= end) {
+        Py_ssize_t q = p;
+        while (q < end && raw[q] != ',') q++;
+        Py_ssize_t a = p, b = q;
+        while (a < b && is_ows(raw[a])) a++;
+        while (b > a && is_ows(raw[b - 1])) b--;
+        if (b > a) {
+            if (o->count == MAX_CONNECTION_OPTIONS) {
+                fail("too many Connection options", 400);
+                return -1;
+            }
+            o->option[o->count].off = a;
+            o->option[o->count].len = b - a;
+            o->count++;
+            if (IEQ(raw + a, b - a, "close")) o->close = 1;
+            else if (IEQ(raw + a, b - a, "keep-alive")) o->keep_alive = 1;
+            else if (IEQ(raw + a, b - a, "upgrade")) o->upgrade = 1;
+        }
+        p = q + 1;
+    }
+    return 0;
+}
+
+static int
+names_option(const Options *o, const unsigned char *raw, const Field *f)
+{
+    const unsigned char *name = raw + f->name;
+    for (int i = 0; i < o->count; i++) {
+        const Span *s = &o->option[i];
+        if (s->len != f->name_len) continue;
+        Py_ssize_t k = 0;
+        while (k < s->len && lower[raw[s->off + k]] == lower[name[k]]) k++;
+        if (k == s->len) return 1;
+    }
+    return 0;
+}
+
+static int
+never_dropped(const unsigned char *name, Py_ssize_t n)
+{
+    return IEQ(name, n, "host") || IEQ(name, n, "content-length") || IEQ(name, n, "transfer-encoding");
+}
+
+/* Merge a Content-Length value (maybe a list of equal values) into *length. */
+static int
+merge_length(const unsigned char *raw, Py_ssize_t off, Py_ssize_t len, long long *length)
+{
+    Py_ssize_t p = off, end = off + len;
+    while (p <= end) {
+        Py_ssize_t q = p;
+        while (q < end && raw[q] != ',') q++;
+        Py_ssize_t a = p, b = q;
+        while (a < b && is_ows(raw[a])) a++;
+        while (b > a && is_ows(raw[b - 1])) b--;
+        if (b == a || b - a > MAX_LENGTH_DIGITS) {
+            fail("invalid Content-Length", 400);
+            return -1;
+        }
+        long long n = 0;
+        for (Py_ssize_t k = a; k < b; k++) {
+            if (!(cls[raw[k]] & C_DIGIT)) {
+                fail("invalid Content-Length", 400);
+                return -1;
+            }
+            n = n * 10 + (raw[k] - '0');
+        }
+        if (*length >= 0 && n != *length) {
+            fail("differing Content-Length values", 400);
+            return -1;
+        }
+        *length = n;
+        p = q + 1;
+    }
+    return 0;
+}
+
+/* Transfer-Encoding codings across all its fields: 1 if exactly "chunked",
+ * 2 if chunked is last but not alone, 0 otherwise. */
+typedef struct {
+    int count, last_chunked;
+} Codings;
+
+static void
+add_codings(Codings *c, const unsigned char *raw, Py_ssize_t off, Py_ssize_t len)
+{
+    Py_ssize_t p = off, end = off + len;
+    while (p <= end) {
+        Py_ssize_t q = p;
+        while (q < end && raw[q] != ',') q++;
+        Py_ssize_t a = p, b = q;
+        while (a < b && is_ows(raw[a])) a++;
+        while (b > a && is_ows(raw[b - 1])) b--;
+        if (b > a) {
+            c->count++;
+            c->last_chunked = IEQ(raw + a, b - a, "chunked");
+        }
+        p = q + 1;
+    }
+}
+
+/* ---- splitting a head out of the buffer ---- */
+
+typedef struct {
+    Py_ssize_t lead;  /* offset of the start line, after skipped empty lines */
+    Py_ssize_t end;   /* offset just past the empty line */
+    Py_ssize_t lines; /* number of lines, the empty one included */
+} Split;
+
+/* 1: found; 0: incomplete; -1: error set. Offsets are relative to buf. */
+static int
+split_head(const unsigned char *b, Py_ssize_t n, Py_ssize_t start, Py_ssize_t max_head, Split *out)
+{
+    Py_ssize_t i = start;
+    while (i + 1 < n && b[i] == '\r' && b[i + 1] == '\n') i += 2;
+    Py_ssize_t end = -1;
+    if (!(i >= n || (b[i] == '\r' && i + 1 == n))) {
+        Py_ssize_t j = i;
+        for (;;) {
+            const unsigned char *k = memchr(b + j, '\n', (size_t)(n - j));
+            if (!k) break;
+            Py_ssize_t x = k - b;
+            if (x + 1 >= n) break;
+            if (b[x + 1] == '\n') { end = x + 2; break; }
+            if (b[x + 1] == '\r') {
+                if (x + 2 >= n) break;
+                if (b[x + 2] == '\n') { end = x + 3; break; }
+            }
+            j = x + 1;
+        }
+    }
+    if (end < 0) {
+        if (n - start > max_head) {
+            fail("head too large", 431);
+            return -1;
+        }
+        return 0;
+    }
+    if (end - start > max_head) {
+        fail("head too large", 431);
+        return -1;
+    }
+    Py_ssize_t lines = 0;
+    for (Py_ssize_t p = i; p < end;) {
+        const unsigned char *k = memchr(b + p, '\n', (size_t)(end - p));
+        Py_ssize_t x = k - b;
+        if (x == p || b[x - 1] != '\r') {
+            fail("bare LF where CRLF is required", 400);
+            return -1;
+        }
+        lines++;
+        p = x + 1;
+    }
+    out->lead = i;
+    out->end = end;
+    out->lines = lines;
+    return 1;
+}
+
+/* Validate the field lines after the start line; fill fields[]; offsets relative to base. */
+static int
+parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t base, Field *fields)
+{
+    int nf = 0;
+    while (p < end) {
+        const unsigned char *k = memchr(b + p, '\n', (size_t)(end - p));
+        Py_ssize_t eol = (k - b) - 1; /* the CR */
+        if (eol == p) break;          /* the empty line */
+        if (is_ows(b[p])) {
+            fail("obsolete line folding", 400);
+            return -1;
+        }
+        Py_ssize_t c = p;
+        while (c < eol && (cls[b[c]] & C_TOKEN)) c++;
+        if (c == eol) {
+            fail("header line without a colon", 400);
+            return -1;
+        }
+        if (b[c] != ':') {
+            fail(is_ows(b[c]) ? "whitespace before the colon" : "invalid character in header name", 400);
+            return -1;
+        }
+        if (c == p) {
+            fail("empty header name", 400);
+            return -1;
+        }
+        Py_ssize_t v = c + 1, e = eol;
+        while (v < e && is_ows(b[v])) v++;
+        while (e > v && is_ows(b[e - 1])) e--;
+        for (Py_ssize_t x = v; x < e; x++) {
+            if (!(cls[b[x]] & C_VALUE)) {
+                fail("invalid character in header value", 400);
+                return -1;
+            }
+        }
+        fields[nf].name = p - base;
+        fields[nf].name_len = c - p;
+        fields[nf].value = v - base;
+        fields[nf].value_len = e - v;
+        fields[nf].kind = F_KEEP;
+        nf++;
+        p = eol + 2;
+    }
+    return nf;
+}
+
+static int
+parse_version(const unsigned char *v, Py_ssize_t len)
+{
+    if (len != 8 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' || !(cls[v[5]] & C_DIGIT) ||
+        !(cls[v[7]] & C_DIGIT)) {
+        fail("malformed HTTP version", 400);
+        return -1;
+    }
+    if (v[5] != '1') {
+        fail("HTTP version not supported", 505);
+        return -1;
+    }
+    return v[7] == '0' ? 0 : 1;
+}
+
+/* Host field or absolute-form authority -> lower-case host, no port. */
+static int
+host_key(const unsigned char *s, Py_ssize_t n, Span *host)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!(cls[s[i]] & C_HOST)) goto bad;
+    Py_ssize_t hlen;
+    if (n && s[0] == '[') {
+        const unsigned char *k = memchr(s, ']', (size_t)n);
+        if (!k) goto bad;
+        hlen = (k - s) + 1;
+    } else {
+        const unsigned char *k = memchr(s, ':', (size_t)n);
+        hlen = k ? k - s : n;
+    }
+    if (hlen < n) {
+        if (s[hlen] != ':') goto bad;
+        for (Py_ssize_t i = hlen + 1; i < n; i++)
+            if (!(cls[s[i]] & C_DIGIT)) goto bad;
+    }
+    for (Py_ssize_t i = 1; i < hlen; i++)
+        if (s[i] == '[') goto bad;
+    for (Py_ssize_t i = 0; i + 1 < hlen; i++)
+        if (s[i] == ']') goto bad;
+    host->len = hlen;
+    return 0;
+bad:
+    fail("invalid Host", 400);
+    return -1;
+}
+
+/* ---- RequestHead ---- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *raw;
+    Py_ssize_t length;
+    Py_ssize_t body_length;
+    int version;
+    char keep_alive, expect_continue, is_head;
+    Py_ssize_t method_len;  /* method = raw[lead:lead+method_len] */
+    Py_ssize_t lead;
+    Span target, path;
+    Span host;              /* off -1: no host; host bytes are lower-cased on access */
+    Span host_value;        /* off -1: no Host field */
+    Span upgrade;           /* off -1: not an upgrade */
+    int nfields;
+    Field *fields;
+} RequestHead;
+
+static void
+request_dealloc(RequestHead *self)
+{
+    Py_XDECREF(self->raw);
+    PyMem_Free(self->fields);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static const char *
+raw_of(PyObject *raw)
+{
+    return PyBytes_AS_STRING(raw);
+}
+
+static PyObject *
+span_bytes(PyObject *raw, Span s)
+{
+    if (s.off < 0) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(raw_of(raw) + s.off, s.len);
+}
+
+static PyObject *
+lower_bytes(PyObject *raw, Span s)
+{
+    if (s.off < 0) Py_RETURN_NONE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, s.len);
+    if (!out) return NULL;
+    const unsigned char *src = (const unsigned char *)raw_of(raw) + s.off;
+    char *dst = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < s.len; i++) dst[i] = (char)lower[src[i]];
+    return out;
+}
+
+static PyObject *
+fields_list(PyObject *raw, const Field *fields, int n)
+{
+    PyObject *list = PyList_New(n);
+    if (!list) return NULL;
+    const char *r = raw_of(raw);
+    for (int i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("(y#y#)", r + fields[i].name, fields[i].name_len,
+                                    r + fields[i].value, fields[i].value_len);
+        if (!t) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, t);
+    }
+    return list;
+}
+
+static PyObject *
+request_get_method(RequestHead *self, void *closure)
+{
+    return PyBytes_FromStringAndSize(raw_of(self->raw) + self->lead, self->method_len);
+}
+
+static PyObject *
+request_get_target(RequestHead *self, void *closure)
+{
+    return span_bytes(self->raw, self->target);
+}
+
+static PyObject *
+request_get_path(RequestHead *self, void *closure)
+{
+    if (self->path.off < 0) { /* absolute-form with an empty or query-only path */
+        PyObject *rest = PyBytes_FromStringAndSize(raw_of(self->raw) + (-self->path.off - 1), self->path.len);
+        if (!rest) return NULL;
+        PyObject *slash = PyBytes_FromStringAndSize("/", 1);
+        if (slash) PyBytes_ConcatAndDel(&slash, rest);
+        else Py_DECREF(rest);
+        return slash;
+    }
+    return span_bytes(self->raw, self->path);
+}
+
+static PyObject *
+request_get_host(RequestHead *self, void *closure)
+{
+    return lower_bytes(self->raw, self->host);
+}
+
+static PyObject *
+request_get_upgrade(RequestHead *self, void *closure)
+{
+    return span_bytes(self->raw, self->upgrade);
+}
+
+static PyObject *
+request_get_headers(RequestHead *self, void *closure)
+{
+    return fields_list(self->raw, self->fields, self->nfields);
+}
+
+static PyObject *
+request_repr(RequestHead *self)
+{
+    PyObject *method = request_get_method(self, NULL);
+    PyObject *target = request_get_target(self, NULL);
+    PyObject *out = NULL;
+    if (method && target)
+        out = PyUnicode_FromFormat("<RequestHead %R %R HTTP/1.%d>", method, target, self->version);
+    Py_XDECREF(method);
+    Py_XDECREF(target);
+    return out;
+}
+
+static PyMemberDef request_members[] = {
+    {"raw", T_OBJECT_EX, offsetof(RequestHead, raw), READONLY, "the head's bytes"},
+    {"length", T_PYSSIZET, offsetof(RequestHead, length), READONLY, "bytes consumed from the buffer"},
+    {"body_length", T_PYSSIZET, offsetof(RequestHead, body_length), READONLY, "n, or CHUNKED"},
+    {"version", T_INT, offsetof(RequestHead, version), READONLY, "minor version: 0 or 1"},
+    {"keep_alive", T_BOOL, offsetof(RequestHead, keep_alive), READONLY, NULL},
+    {"expect_continue", T_BOOL, offsetof(RequestHead, expect_continue), READONLY, NULL},
+    {"is_head", T_BOOL, offsetof(RequestHead, is_head), READONLY, NULL},
+    {NULL}};
+
+static PyGetSetDef request_getset[] = {
+    {"method", (getter)request_get_method, NULL, NULL, NULL},
+    {"target", (getter)request_get_target, NULL, NULL, NULL},
+    {"path", (getter)request_get_path, NULL, NULL, NULL},
+    {"host", (getter)request_get_host, NULL, NULL, NULL},
+    {"upgrade", (getter)request_get_upgrade, NULL, NULL, NULL},
+    {"headers", (getter)request_get_headers, NULL, NULL, NULL},
+    {NULL}};
+
+static PyTypeObject RequestHeadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.RequestHead",
+    .tp_basicsize = sizeof(RequestHead),
+    .tp_dealloc = (destructor)request_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One parsed request head; raw holds its bytes.",
+    .tp_members = request_members,
+    .tp_getset = request_getset,
+    .tp_repr = (reprfunc)request_repr,
+};
+
+/* ---- ResponseHead ---- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *raw;
+    Py_ssize_t length;
+    Py_ssize_t body_length;
+    int version;
+    int status;
+    char keep_alive;
+    Span reason;
+    int nfields;
+    Field *fields;
+} ResponseHead;
+
+static void
+response_dealloc(ResponseHead *self)
+{
+    Py_XDECREF(self->raw);
+    PyMem_Free(self->fields);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+response_get_reason(ResponseHead *self, void *closure)
+{
+    return span_bytes(self->raw, self->reason);
+}
+
+static PyObject *
+response_get_headers(ResponseHead *self, void *closure)
+{
+    return fields_list(self->raw, self->fields, self->nfields);
+}
+
+static PyObject *
+response_repr(ResponseHead *self)
+{
+    return PyUnicode_FromFormat("<ResponseHead %d HTTP/1.%d>", self->status, self->version);
+}
+
+static PyMemberDef response_members[] = {
+    {"raw", T_OBJECT_EX, offsetof(ResponseHead, raw), READONLY, "the head's bytes"},
+    {"length", T_PYSSIZET, offsetof(ResponseHead, length), READONLY, "bytes consumed from the buffer"},
+    {"body_length", T_PYSSIZET, offsetof(ResponseHead, body_length), READONLY, "n, CHUNKED or UNTIL_CLOSE"},
+    {"version", T_INT, offsetof(ResponseHead, version), READONLY, "minor version: 0 or 1"},
+    {"status", T_INT, offsetof(ResponseHead, status), READONLY, NULL},
+    {"keep_alive", T_BOOL, offsetof(ResponseHead, keep_alive), READONLY, NULL},
+    {NULL}};
+
+static PyGetSetDef response_getset[] = {
+    {"reason", (getter)response_get_reason, NULL, NULL, NULL},
+    {"headers", (getter)response_get_headers, NULL, NULL, NULL},
+    {NULL}};
+
+static PyTypeObject ResponseHeadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.ResponseHead",
+    .tp_basicsize = sizeof(ResponseHead),
+    .tp_dealloc = (destructor)response_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One parsed response head; raw holds its bytes.",
+    .tp_members = response_members,
+    .tp_getset = response_getset,
+    .tp_repr = (reprfunc)response_repr,
+};
+
+/* ---- argument helpers ---- */
+
+/* Positional-or-keyword arguments for a METH_FASTCALL|METH_KEYWORDS function. */
+static int
+gather_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
+            int total, int required, PyObject **out)
+{
+    if (nargs > total) {
+        PyErr_Format(PyExc_TypeError, "takes at most %d arguments", total);
+        return -1;
+    }
+    for (int i = 0; i < total; i++) out[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, k));
+        if (!key) return -1;
+        int i = 0;
+        while (i < total && strcmp(names[i], key) != 0) i++;
+        if (i == total || out[i]) {
+            PyErr_Format(PyExc_TypeError, "unexpected or repeated argument '%s'", key);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    for (int i = 0; i < required; i++) {
+        if (!out[i]) {
+            PyErr_Format(PyExc_TypeError, "missing argument '%s'", names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+ssize_arg(PyObject *o, Py_ssize_t dflt, Py_ssize_t *out)
+{
+    if (!o) {
+        *out = dflt;
+        return 0;
+    }
+    *out = PyNumber_AsSsize_t(o, PyExc_OverflowError);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+open_buffer(PyObject *buf, Py_buffer *view, PyObject *start_obj, Py_ssize_t *start)
+{
+    if (ssize_arg(start_obj, 0, start) < 0) return -1;
+    if (PyObject_GetBuffer(buf, view, PyBUF_SIMPLE) < 0) return -1;
+    if (*start < 0 || *start > view->len) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "start is outside the buffer");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- parse_request ---- */
+
+static PyObject *
+parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"buf", "start", "max_head"};
+    PyObject *a[3];
+    Py_ssize_t start, max_head;
+    Py_buffer view;
+    if (gather_args(args, nargs, kwnames, names, 3, 1, a) < 0) return NULL;
+    if (ssize_arg(a[2], MAX_HEAD_BYTES, &max_head) < 0) return NULL;
+    if (open_buffer(a[0], &view, a[1], &start) < 0) return NULL;
+
+    const unsigned char *b = view.buf;
+    Split sp;
+    RequestHead *head = NULL;
+    Field *fields = NULL;
+    int r = split_head(b, view.len, start, max_head, &sp);
+    if (r <= 0) {
+        PyBuffer_Release(&view);
+        if (r == 0) Py_RETURN_NONE;
+        return NULL;
+    }
+
+    /* request-line = method SP request-target SP HTTP-version (RFC 9112 section 3) */
+    Py_ssize_t i = sp.lead;
+    const unsigned char *nl = memchr(b + i, '\n', (size_t)(sp.end - i));
+    Py_ssize_t eol = (nl - b) - 1;
+    const unsigned char *s1 = memchr(b + i, ' ', (size_t)(eol - i));
+    if (!s1) { fail("malformed request line", 400); goto error; }
+    Py_ssize_t sp1 = s1 - b;
+    if (sp1 == i) { fail("empty method", 400); goto error; }
+    for (Py_ssize_t x = i; x < sp1; x++)
+        if (!(cls[b[x]] & C_TOKEN)) { fail("invalid character in method", 400); goto error; }
+    const unsigned char *s2 = memchr(b + sp1 + 1, ' ', (size_t)(eol - sp1 - 1));
+    if (!s2) { fail("malformed request line", 400); goto error; }
+    Py_ssize_t sp2 = s2 - b;
+    if (sp2 == sp1 + 1) { fail("empty request target", 400); goto error; }
+    for (Py_ssize_t x = sp1 + 1; x < sp2; x++)
+        if (!(cls[b[x]] & C_TARGET)) { fail("invalid character in request target", 400); goto error; }
+    int version = parse_version(b + sp2 + 1, eol - sp2 - 1);
+    if (version < 0) goto error;
+    if (sp.lines - 2 > MAX_HEADERS) { fail("too many header fields", 431); goto error; }
+
+    fields = PyMem_Malloc(sizeof(Field) * (size_t)(sp.lines > 2 ? sp.lines - 2 : 1));
+    if (!fields) { PyErr_NoMemory(); goto error; }
+    int nf = parse_fields(b, eol + 2, sp.end, start, fields);
+    if (nf < 0) goto error;
+
+    /* From here on, offsets are relative to raw (= buf[start:end]). */
+    const unsigned char *raw = b + start;
+    int hosts = 0, expect_continue = 0;
+    long long length = -1;
+    Span host_value = {-1, 0}, upgrade = {-1, 0};
+    Codings codings = {0, 0};
+    int has_codings = 0;
+    Options options;
+    options.count = options.close = options.keep_alive = options.upgrade = 0;
+    for (int f = 0; f < nf; f++) {
+        const unsigned char *name = raw + fields[f].name;
+        Py_ssize_t nlen = fields[f].name_len, voff = fields[f].value, vlen = fields[f].value_len;
+        switch (nlen) {
+        case 4:
+            if (IEQ(name, nlen, "host")) { hosts++; host_value.off = voff; host_value.len = vlen; }
+            break;
+        case 6:
+            if (IEQ(name, nlen, "expect") && IEQ(raw + voff, vlen, "100-continue")) expect_continue = 1;
+            break;
+        case 7:
+            if (IEQ(name, nlen, "upgrade")) { upgrade.off = voff; upgrade.len = vlen; }
+            break;
+        case 10:
+            if (IEQ(name, nlen, "connection") && add_options(&options, raw, voff, vlen) < 0) goto error;
+            break;
+        case 14:
+            if (IEQ(name, nlen, "content-length") && merge_length(raw, voff, vlen, &length) < 0) goto error;
+            break;
+        case 17:
+            if (IEQ(name, nlen, "transfer-encoding")) { has_codings = 1; add_codings(&codings, raw, voff, vlen); }
+            break;
+        }
+    }
+
+    /* RFC 9112 section 6.3: framing of a request body. */
+    Py_ssize_t body_length;
+    if (has_codings) {
+        if (length >= 0) { fail("both Content-Length and Transfer-Encoding", 400); goto error; }
+        if (version == 0) { fail("Transfer-Encoding in an HTTP/1.0 request", 400); goto error; }
+        if (!(codings.count == 1 && codings.last_chunked)) {
+            if (codings.count && codings.last_chunked) fail("unsupported transfer coding", 501);
+            else fail("invalid Transfer-Encoding", 400);
+            goto error;
+        }
+        body_length = CHUNKED;
+    } else {
+        body_length = length >= 0 ? (Py_ssize_t)length : 0;
+    }
+    if (hosts > 1) { fail("more than one Host", 400); goto error; }
+    if (hosts == 0 && version == 1) { fail("missing Host", 400); goto error; }
+
+    Span host = {-1, 0};
+    if (host_value.off >= 0) {
+        if (host_key(raw + host_value.off, host_value.len, &host) < 0) goto error;
+        host.off = host_value.off;
+    }
+    Span target = {sp1 + 1 - start, sp2 - sp1 - 1};
+    Span path = target;
+    const unsigned char *t = raw + target.off;
+    Py_ssize_t scheme = 0;
+    if (target.len >= 7 && IEQ(t, 7, "http://")) scheme = 7;
+    else if (target.len >= 8 && IEQ(t, 8, "https://")) scheme = 8;
+    if (scheme) {
+        /* RFC 9112 section 3.2.2: the authority replaces the Host field. */
+        Py_ssize_t a = scheme, e = scheme;
+        while (e < target.len && t[e] != '/' && t[e] != '?' && t[e] != '#') e++;
+        if (host_key(t + a, e - a, &host) < 0) goto error;
+        host.off = target.off + a;
+        if (e < target.len && t[e] == '/') {
+            path.off = target.off + e;
+            path.len = target.len - e;
+        } else { /* encoded as -(off+1): the getter prepends "/" */
+            path.off = -(target.off + e) - 1;
+            path.len = target.len - e;
+        }
+    }
+
+    int keep_alive = version == 1 ? !options.close : (options.keep_alive && !options.close);
+    if (upgrade.off >= 0 && (version == 0 || !options.upgrade)) upgrade.off = -1;
+
+    /* Mark what the rewrite leaves out (RFC 9110 section 7.6.1). */
+    for (int f = 0; f < nf; f++) {
+        const unsigned char *name = raw + fields[f].name;
+        Py_ssize_t n = fields[f].name_len;
+        if (IEQ(name, n, "x-forwarded-for")) fields[f].kind = F_FORWARDED_FOR;
+        else if (IEQ(name, n, "connection") || IEQ(name, n, "keep-alive") || IEQ(name, n, "proxy-connection") ||
+                 IEQ(name, n, "te") || IEQ(name, n, "upgrade") || IEQ(name, n, "x-forwarded-proto") ||
+                 IEQ(name, n, "x-forwarded-host"))
+            fields[f].kind = F_DROP;
+        else if (options.count && !never_dropped(name, n) && names_option(&options, raw, &fields[f]))
+            fields[f].kind = F_DROP;
+    }
+
+    head = PyObject_New(RequestHead, &RequestHeadType);
+    if (!head) goto error;
+    head->fields = fields;
+    fields = NULL;
+    head->raw = PyBytes_FromStringAndSize((const char *)raw, sp.end - start);
+    if (!head->raw) goto error;
+    head->length = sp.end - start;
+    head->body_length = body_length;
+    head->version = version;
+    head->keep_alive = (char)keep_alive;
+    head->expect_continue = (char)expect_continue;
+    head->lead = sp.lead - start;
+    head->method_len = sp1 - sp.lead;
+    head->is_head = head->method_len == 4 && memcmp(raw + head->lead, "HEAD", 4) == 0;
+    head->target = target;
+    head->path = path;
+    head->host = host;
+    head->host_value = host_value;
+    head->upgrade = upgrade;
+    head->nfields = nf;
+    PyBuffer_Release(&view);
+    return (PyObject *)head;
+
+error:
+    PyBuffer_Release(&view);
+    PyMem_Free(fields);
+    Py_XDECREF(head); /* raw may be NULL here; dealloc copes */
+    return NULL;
+}
+
+/* ---- parse_response ---- */
+
+static PyObject *
+parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"buf", "start", "max_head", "head_request"};
+    PyObject *a[4];
+    Py_ssize_t start, max_head;
+    Py_buffer view;
+    if (gather_args(args, nargs, kwnames, names, 4, 1, a) < 0) return NULL;
+    if (ssize_arg(a[2], MAX_HEAD_BYTES, &max_head) < 0) return NULL;
+    int head_request = a[3] ? PyObject_IsTrue(a[3]) : 0;
+    if (head_request < 0) return NULL;
+    if (open_buffer(a[0], &view, a[1], &start) < 0) return NULL;
+
+    const unsigned char *b = view.buf;
+    Split sp;
+    ResponseHead *head = NULL;
+    Field *fields = NULL;
+    int r = split_head(b, view.len, start, max_head, &sp);
+    if (r <= 0) {
+        PyBuffer_Release(&view);
+        if (r == 0) Py_RETURN_NONE;
+        return NULL;
+    }
+    /* status-line = HTTP-version SP status-code SP [ reason-phrase ] */
+    Py_ssize_t i = sp.lead;
+    const unsigned char *nl = memchr(b + i, '\n', (size_t)(sp.end - i));
+    Py_ssize_t eol = (nl - b) - 1, linelen = eol - i;
+    const unsigned char *line = b + i;
+    int version = parse_version(line, linelen < 8 ? linelen : 8);
+    if (version < 0) goto error;
+    if (linelen < 12 || line[8] != ' ' || !(cls[line[9]] & C_DIGIT) || !(cls[line[10]] & C_DIGIT) ||
+        !(cls[line[11]] & C_DIGIT)) {
+        fail("malformed status line", 400);
+        goto error;
+    }
+    int status = (line[9] - '0') * 100 + (line[10] - '0') * 10 + (line[11] - '0');
+    Span reason = {i + 13 - start, 0};
+    if (linelen > 12) {
+        if (line[12] != ' ') { fail("malformed status line", 400); goto error; }
+        reason.len = linelen - 13;
+        for (Py_ssize_t x = 13; x < linelen; x++)
+            if (!(cls[line[x]] & C_VALUE)) { fail("invalid character in reason phrase", 400); goto error; }
+    } else {
+        reason.off = i + 12 - start;
+    }
+    if (status < 100) { fail("malformed status line", 400); goto error; }
+    if (sp.lines - 2 > MAX_HEADERS) { fail("too many header fields", 431); goto error; }
+
+    fields = PyMem_Malloc(sizeof(Field) * (size_t)(sp.lines > 2 ? sp.lines - 2 : 1));
+    if (!fields) { PyErr_NoMemory(); goto error; }
+    int nf = parse_fields(b, eol + 2, sp.end, start, fields);
+    if (nf < 0) goto error;
+
+    const unsigned char *raw = b + start;
+    long long length = -1;
+    Codings codings = {0, 0};
+    int has_codings = 0;
+    Options options;
+    options.count = options.close = options.keep_alive = options.upgrade = 0;
+    for (int f = 0; f < nf; f++) {
+        const unsigned char *name = raw + fields[f].name;
+        Py_ssize_t nlen = fields[f].name_len, voff = fields[f].value, vlen = fields[f].value_len;
+        if (nlen == 14 && IEQ(name, nlen, "content-length")) {
+            if (merge_length(raw, voff, vlen, &length) < 0) goto error;
+        } else if (nlen == 17 && IEQ(name, nlen, "transfer-encoding")) {
+            has_codings = 1;
+            add_codings(&codings, raw, voff, vlen);
+        } else if (nlen == 10 && IEQ(name, nlen, "connection")) {
+            if (add_options(&options, raw, voff, vlen) < 0) goto error;
+        }
+    }
+    int keep_alive = version == 1 ? !options.close : (options.keep_alive && !options.close);
+
+    /* RFC 9112 section 6.3: framing of a response body. */
+    Py_ssize_t body_length;
+    if (head_request || status < 200 || status == 204 || status == 304) {
+        body_length = 0;
+    } else if (has_codings) {
+        body_length = (codings.count && codings.last_chunked) ? CHUNKED : UNTIL_CLOSE;
+        if (length >= 0) keep_alive = 0;
+    } else if (length >= 0) {
+        body_length = (Py_ssize_t)length;
+    } else {
+        body_length = UNTIL_CLOSE;
+    }
+    if (body_length == UNTIL_CLOSE) keep_alive = 0;
+
+    for (int f = 0; f < nf; f++) {
+        const unsigned char *name = raw + fields[f].name;
+        Py_ssize_t n = fields[f].name_len;
+        if (IEQ(name, n, "connection") || IEQ(name, n, "keep-alive") || IEQ(name, n, "proxy-connection"))
+            fields[f].kind = F_DROP;
+        else if (IEQ(name, n, "upgrade")) /* kept on a 101 even though Connection names it */
+            fields[f].kind = F_UPGRADE;
+        else if (options.count && !never_dropped(name, n) && names_option(&options, raw, &fields[f]))
+            fields[f].kind = F_DROP;
+    }
+
+    head = PyObject_New(ResponseHead, &ResponseHeadType);
+    if (!head) goto error;
+    head->fields = fields;
+    fields = NULL;
+    head->raw = PyBytes_FromStringAndSize((const char *)raw, sp.end - start);
+    if (!head->raw) goto error;
+    head->length = sp.end - start;
+    head->body_length = body_length;
+    head->version = version;
+    head->status = status;
+    head->keep_alive = (char)keep_alive;
+    head->reason = reason;
+    head->nfields = nf;
+    PyBuffer_Release(&view);
+    return (PyObject *)head;
+
+error:
+    PyBuffer_Release(&view);
+    PyMem_Free(fields);
+    Py_XDECREF(head);
+    return NULL;
+}
+
+/* ---- building heads ---- */
+
+static char *
+put(char *p, const void *s, Py_ssize_t n)
+{
+    memcpy(p, s, (size_t)n);
+    return p + n;
+}
+#define PUT(p, lit) put((p), lit, (Py_ssize_t)sizeof(lit) - 1)
+
+static int
+bytes_arg(PyObject *o, const char *what, const char **s, Py_ssize_t *n)
+{
+    if (!o) {
+        *s = "";
+        *n = 0;
+        return 0;
+    }
+    if (!PyBytes_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes", what);
+        return -1;
+    }
+    *s = PyBytes_AS_STRING(o);
+    *n = PyBytes_GET_SIZE(o);
+    return 0;
+}
+
+static PyObject *
+build_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"head", "client_addr", "proto", "extra"};
+    PyObject *a[4];
+    const char *addr, *proto, *extra;
+    Py_ssize_t addr_len, proto_len, extra_len;
+    if (gather_args(args, nargs, kwnames, names, 4, 2, a) < 0) return NULL;
+    if (!PyObject_TypeCheck(a[0], &RequestHeadType)) {
+        PyErr_SetString(PyExc_TypeError, "head must be a RequestHead");
+        return NULL;
+    }
+    if (bytes_arg(a[1], "client_addr", &addr, &addr_len) < 0) return NULL;
+    if (a[2]) {
+        if (bytes_arg(a[2], "proto", &proto, &proto_len) < 0) return NULL;
+    } else {
+        proto = "http";
+        proto_len = 4;
+    }
+    if (bytes_arg(a[3], "extra", &extra, &extra_len) < 0) return NULL;
+
+    RequestHead *h = (RequestHead *)a[0];
+    const char *raw = raw_of(h->raw);
+    Py_ssize_t size = h->method_len + 1 + h->target.len + 11;
+    for (int f = 0; f < h->nfields; f++) {
+        const Field *fd = &h->fields[f];
+        if (fd->kind == F_KEEP) size += fd->name_len + fd->value_len + 4;
+        else if (fd->kind == F_FORWARDED_FOR && fd->value_len) size += fd->value_len + 2;
+    }
+    size += 17 + addr_len + 2;  /* X-Forwarded-For: */
+    size += 19 + proto_len + 2; /* X-Forwarded-Proto: */
+    if (h->host_value.off >= 0) size += 18 + h->host_value.len + 2;
+    if (h->upgrade.off >= 0) size += 30 + h->upgrade.len + 2;
+    else if (!h->version) size += 24;
+    size += extra_len + 2;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    p = put(p, raw + h->lead, h->method_len);
+    *p++ = ' ';
+    p = put(p, raw + h->target.off, h->target.len);
+    p = h->version ? PUT(p, " HTTP/1.1\r\n") : PUT(p, " HTTP/1.0\r\n");
+    for (int f = 0; f < h->nfields; f++) {
+        const Field *fd = &h->fields[f];
+        if (fd->kind != F_KEEP) continue;
+        p = put(p, raw + fd->name, fd->name_len);
+        p = PUT(p, ": ");
+        p = put(p, raw + fd->value, fd->value_len);
+        p = PUT(p, "\r\n");
+    }
+    p = PUT(p, "X-Forwarded-For: ");
+    for (int f = 0; f < h->nfields; f++) {
+        const Field *fd = &h->fields[f];
+        if (fd->kind != F_FORWARDED_FOR || !fd->value_len) continue;
+        p = put(p, raw + fd->value, fd->value_len);
+        p = PUT(p, ", ");
+    }
+    p = put(p, addr, addr_len);
+    p = PUT(p, "\r\nX-Forwarded-Proto: ");
+    p = put(p, proto, proto_len);
+    p = PUT(p, "\r\n");
+    if (h->host_value.off >= 0) {
+        p = PUT(p, "X-Forwarded-Host: ");
+        p = put(p, raw + h->host_value.off, h->host_value.len);
+        p = PUT(p, "\r\n");
+    }
+    if (h->upgrade.off >= 0) {
+        p = PUT(p, "Connection: upgrade\r\nUpgrade: ");
+        p = put(p, raw + h->upgrade.off, h->upgrade.len);
+        p = PUT(p, "\r\n");
+    } else if (!h->version) {
+        p = PUT(p, "Connection: keep-alive\r\n");
+    }
+    p = put(p, extra, extra_len);
+    p = PUT(p, "\r\n");
+    assert(p == PyBytes_AS_STRING(out) + size);
+    return out;
+}
+
+static PyObject *
+build_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"head", "keep_alive", "client_version", "extra"};
+    PyObject *a[4];
+    const char *extra;
+    Py_ssize_t extra_len, client_version;
+    if (gather_args(args, nargs, kwnames, names, 4, 2, a) < 0) return NULL;
+    if (!PyObject_TypeCheck(a[0], &ResponseHeadType)) {
+        PyErr_SetString(PyExc_TypeError, "head must be a ResponseHead");
+        return NULL;
+    }
+    int keep_alive = PyObject_IsTrue(a[1]);
+    if (keep_alive < 0) return NULL;
+    if (ssize_arg(a[2], 1, &client_version) < 0) return NULL;
+    if (bytes_arg(a[3], "extra", &extra, &extra_len) < 0) return NULL;
+
+    ResponseHead *h = (ResponseHead *)a[0];
+    const char *raw = raw_of(h->raw);
+    int upgrading = h->status == 101;
+    Py_ssize_t size = 13 + h->reason.len + 2;
+    for (int f = 0; f < h->nfields; f++) {
+        const Field *fd = &h->fields[f];
+        if (fd->kind == F_KEEP || (fd->kind == F_UPGRADE && upgrading))
+            size += fd->name_len + fd->value_len + 4;
+    }
+    if (upgrading) size += 21;
+    else if (!keep_alive) size += 19;
+    else if (!client_version) size += 24;
+    size += extra_len + 2;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    p = PUT(p, "HTTP/1.1 ");
+    *p++ = (char)('0' + h->status / 100);
+    *p++ = (char)('0' + h->status / 10 % 10);
+    *p++ = (char)('0' + h->status % 10);
+    *p++ = ' ';
+    p = put(p, raw + h->reason.off, h->reason.len);
+    p = PUT(p, "\r\n");
+    for (int f = 0; f < h->nfields; f++) {
+        const Field *fd = &h->fields[f];
+        if (!(fd->kind == F_KEEP || (fd->kind == F_UPGRADE && upgrading))) continue;
+        p = put(p, raw + fd->name, fd->name_len);
+        p = PUT(p, ": ");
+        p = put(p, raw + fd->value, fd->value_len);
+        p = PUT(p, "\r\n");
+    }
+    if (upgrading) p = PUT(p, "Connection: upgrade\r\n");
+    else if (!keep_alive) p = PUT(p, "Connection: close\r\n");
+    else if (!client_version) p = PUT(p, "Connection: keep-alive\r\n");
+    p = put(p, extra, extra_len);
+    p = PUT(p, "\r\n");
+    assert(p == PyBytes_AS_STRING(out) + size);
+    return out;
+}
+
+/* ---- ChunkedScanner (RFC 9112 section 7.1) ---- */
+
+enum { S_SIZE, S_SIZE_EXT, S_SIZE_LF, S_DATA, S_DATA_CR, S_DATA_LF, S_TRAILER, S_TRAILER_LF, S_DONE };
+
+typedef struct {
+    PyObject_HEAD
+    int state;
+    unsigned long long remaining;
+    int digits;
+    Py_ssize_t line;
+    Py_ssize_t trailer;
+} ChunkedScanner;
+
+static PyObject *
+scanner_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "ChunkedScanner() takes no arguments");
+        return NULL;
+    }
+    ChunkedScanner *self = (ChunkedScanner *)type->tp_alloc(type, 0);
+    if (self) self->state = S_SIZE;
+    return (PyObject *)self;
+}
+
+static PyObject *
+scanner_feed(ChunkedScanner *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"buf", "start"};
+    PyObject *a[2];
+    Py_ssize_t start;
+    Py_buffer view;
+    if (gather_args(args, nargs, kwnames, names, 2, 1, a) < 0) return NULL;
+    if (open_buffer(a[0], &view, a[1], &start) < 0) return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, i = start;
+    int state = self->state;
+    const char *err = NULL;
+    int err_status = 400;
+    while (i < n && state != S_DONE) {
+        if (state == S_DATA) {
+            unsigned long long avail = (unsigned long long)(n - i);
+            unsigned long long take = self->remaining < avail ? self->remaining : avail;
+            i += (Py_ssize_t)take;
+            self->remaining -= take;
+            if (!self->remaining) state = S_DATA_CR;
+            continue;
+        }
+        unsigned char c = b[i++];
+        switch (state) {
+        case S_SIZE:
+            self->line++;
+            if (hexval[c] >= 0) {
+                if (self->digits == 16) { err = "chunk size too large"; goto done; }
+                self->remaining = self->remaining * 16 + (unsigned long long)hexval[c];
+                self->digits++;
+                break;
+            }
+            if (!self->digits) { err = "invalid chunk size"; goto done; }
+            if (c == '\r') state = S_SIZE_LF;
+            else if (c == ';' || c == ' ' || c == '\t') state = S_SIZE_EXT;
+            else { err = "invalid chunk size"; goto done; }
+            break;
+        case S_SIZE_EXT:
+            self->line++;
+            if (self->line > MAX_CHUNK_LINE_BYTES) { err = "chunk extension too long"; goto done; }
+            if (c == '\r') state = S_SIZE_LF;
+            else if (!(cls[c] & C_VALUE)) { err = "invalid chunk extension"; goto done; }
+            break;
+        case S_SIZE_LF:
+            if (c != '\n') { err = "bare CR in chunk size line"; goto done; }
+            self->digits = 0;
+            self->line = 0;
+            state = self->remaining ? S_DATA : S_TRAILER;
+            break;
+        case S_DATA_CR:
+            if (c != '\r') { err = "chunk data not followed by CRLF"; goto done; }
+            state = S_DATA_LF;
+            break;
+        case S_DATA_LF:
+            if (c != '\n') { err = "chunk data not followed by CRLF"; goto done; }
+            state = S_SIZE;
+            break;
+        case S_TRAILER:
+            self->trailer++;
+            if (self->trailer > MAX_TRAILER_BYTES) { err = "trailer section too large"; err_status = 431; goto done; }
+            if (c == '\r') state = S_TRAILER_LF;
+            else if (!(cls[c] & C_VALUE)) { err = "invalid character in trailer"; goto done; }
+            else self->line++;
+            break;
+        case S_TRAILER_LF:
+            if (c != '\n') { err = "bare CR in trailer"; goto done; }
+            if (!self->line) state = S_DONE;
+            else { self->line = 0; state = S_TRAILER; }
+            break;
+        }
+    }
+done:
+    self->state = state;
+    PyBuffer_Release(&view);
+    if (err) return fail(err, err_status);
+    return PyLong_FromSsize_t(i - start);
+}
+
+static PyObject *
+scanner_get_done(ChunkedScanner *self, void *closure)
+{
+    return PyBool_FromLong(self->state == S_DONE);
+}
+
+static PyMethodDef scanner_methods[] = {
+    {"feed", (PyCFunction)(void (*)(void))scanner_feed, METH_FASTCALL | METH_KEYWORDS,
+     "feed(buf, start=0) -> how many bytes from start belong to the body"},
+    {NULL}};
+
+static PyGetSetDef scanner_getset[] = {
+    {"done", (getter)scanner_get_done, NULL, "the last chunk and trailers are through", NULL},
+    {NULL}};
+
+static PyTypeObject ChunkedScannerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.ChunkedScanner",
+    .tp_basicsize = sizeof(ChunkedScanner),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Finds where a chunked body ends without copying it.",
+    .tp_new = scanner_new,
+    .tp_methods = scanner_methods,
+    .tp_getset = scanner_getset,
+};
+
+/* ---- module ---- */
+
+static PyMethodDef module_methods[] = {
+    {"parse_request", (PyCFunction)(void (*)(void))parse_request, METH_FASTCALL | METH_KEYWORDS,
+     "parse_request(buf, start=0, max_head=MAX_HEAD_BYTES) -> RequestHead or None"},
+    {"parse_response", (PyCFunction)(void (*)(void))parse_response, METH_FASTCALL | METH_KEYWORDS,
+     "parse_response(buf, start=0, max_head=MAX_HEAD_BYTES, head_request=False) -> ResponseHead or None"},
+    {"build_request", (PyCFunction)(void (*)(void))build_request, METH_FASTCALL | METH_KEYWORDS,
+     "build_request(head, client_addr, proto=b'http', extra=b'') -> bytes"},
+    {"build_response", (PyCFunction)(void (*)(void))build_response, METH_FASTCALL | METH_KEYWORDS,
+     "build_response(head, keep_alive, client_version=1, extra=b'') -> bytes"},
+    {NULL}};
+
+static int
+module_exec(PyObject *m)
+{
+    init_tables();
+    if (PyType_Ready(&RequestHeadType) < 0 || PyType_Ready(&ResponseHeadType) < 0 ||
+        PyType_Ready(&ChunkedScannerType) < 0)
+        return -1;
+    if (!ProtocolError) {
+        PyObject *errors = PyImport_ImportModule("proxy.errors");
+        if (!errors) return -1;
+        ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");
+        Py_DECREF(errors);
+        if (!ProtocolError) return -1;
+    }
+    if (PyModule_AddObjectRef(m, "RequestHead", (PyObject *)&RequestHeadType) < 0 ||
+        PyModule_AddObjectRef(m, "ResponseHead", (PyObject *)&ResponseHeadType) < 0 ||
+        PyModule_AddObjectRef(m, "ChunkedScanner", (PyObject *)&ChunkedScannerType) < 0 ||
+        PyModule_AddObjectRef(m, "ProtocolError", ProtocolError) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_HEAD_BYTES", MAX_HEAD_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_HEADERS", MAX_HEADERS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_CHUNK_LINE_BYTES", MAX_CHUNK_LINE_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_TRAILER_BYTES", MAX_TRAILER_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LENGTH_DIGITS", MAX_LENGTH_DIGITS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_CONNECTION_OPTIONS", MAX_CONNECTION_OPTIONS) < 0 ||
+        PyModule_AddIntConstant(m, "CHUNKED", CHUNKED) < 0 ||
+        PyModule_AddIntConstant(m, "UNTIL_CLOSE", UNTIL_CLOSE) < 0 ||
+        PyModule_AddStringConstant(m, "IMPLEMENTATION", "c") < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "proxy._speedups",
+    .m_doc = "HTTP/1.1 head parsing and rewriting in C; proxy/_native.py is its twin.",
+    .m_size = 0,
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

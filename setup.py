@@ -1,0 +1,13 @@
+"""Build the C half of wakegate's hot path; everything else lives in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "proxy._speedups",
+            sources=["proxy/_speedups.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror=implicit-function-declaration"],
+        )
+    ]
+)

@@ -20,3 +20,205 @@ def _implementations():
 def http11(request):
     """Each parser implementation in turn: the C extension and the pure-Python twin."""
     return importlib.import_module(request.param)
+
+
+# ---- real processes: the backend app and wakegate itself -------------------------
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import h11  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND = ROOT / "examples" / "backend.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Backend:
+    """examples/backend.py as a real process."""
+
+    def __init__(self, name: str = "backend") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BACKEND), "--port", "0", "--name", name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("listening"):
+            raise RuntimeError(f"backend did not start: {line!r} {self.proc.stderr.read().decode()[-2000:]}")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Wakegate:
+    """``wakegate serve`` as a real process, with a config written for the test."""
+
+    def __init__(self, tmp: Path, config: str) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.config_path = tmp / f"wakegate-{self.port}.toml"
+        self.config_path.write_text(
+            f'[proxy]\nlisten = "127.0.0.1:{self.port}"\n' + config.replace("[proxy]\n", "")
+            + f'\n[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
+        )
+        self.log_path = tmp / f"wakegate-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller.cli", "serve", "-c", str(self.config_path)],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.proc.stderr = open(self.log_path, "rb")
+        wait_for_port(self.port, self.proc)
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Response:
+    def __init__(self, status, headers, body, trailers, informational, http_version):
+        self.status = status
+        self.headers = headers  # [(lower name, value)]
+        self.body = body
+        self.trailers = trailers
+        self.informational = informational
+        self.http_version = http_version
+
+    def header(self, name: bytes):
+        values = [v for n, v in self.headers if n == name]
+        return values[0] if values else None
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.headers} {self.body[:80]!r}>"
+
+
+class Client:
+    """A raw-socket client; responses are read with h11 as the reference parser."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.leftover = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, n: int = 65536) -> bytes:
+        if self.leftover:
+            data, self.leftover = self.leftover, b""
+            return data
+        return self.sock.recv(n)
+
+    def response(self, method: bytes = b"GET") -> Response:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20)
+        conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x"), (b"content-length", b"0")]))
+        conn.send(h11.EndOfMessage())
+        informational, body, trailers = [], bytearray(), []
+        response = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = self.recv()
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                informational.append(event.status_code)
+                if event.status_code == 101:
+                    self.leftover = bytes(conn.trailing_data[0])
+                    return Response(101, list(event.headers), b"", [], informational, event.http_version)
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = list(event.headers)
+                self.leftover = bytes(conn.trailing_data[0])
+                return Response(response.status_code, list(response.headers), bytes(body), trailers,
+                                informational, response.http_version)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("closed before a complete response")
+
+    def request(self, data: bytes, method: bytes = b"GET") -> Response:
+        self.send(data)
+        return self.response(method)
+
+    def is_closed(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the connection (EOF or reset) within timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.leftover or self.sock.recv(65536)
+            self.leftover = b""
+            while data:
+                data = self.sock.recv(65536)
+            return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def backend():
+    b = Backend()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def start_wakegate(tmp_path_factory):
+    """A factory: start_wakegate(config_text) -> a running Wakegate, stopped after the test."""
+    started = []
+
+    def start(config: str) -> Wakegate:
+        w = Wakegate(tmp_path_factory.mktemp("wg"), config)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -1,0 +1,142 @@
+"""The ``wakegate`` command: ``serve`` runs the front door, ``check`` validates a config.
+
+Every failure a user can cause ends in one line on stderr and a non-zero exit,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from . import __version__
+from .config import ConfigError, load
+
+log = logging.getLogger("wakegate")
+
+EXIT_CONFIG = 2  # as argparse does for bad usage
+EXIT_RUNTIME = 1
+
+
+def _implementation() -> str:
+    from proxy.http11 import IMPLEMENTATION
+
+    return "C extension" if IMPLEMENTATION == "c" else "pure Python"
+
+
+def build_router(config):
+    """The proxy's routing table for a validated config."""
+    from proxy.routing import Router
+    from proxy.server import ServiceRoute
+    from proxy.upstream import UpstreamPool
+
+    routes = {
+        name: ServiceRoute(name, UpstreamPool(svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive))
+        for name, svc in config.services.items()
+    }
+    router = Router(routes.get(config.proxy.default_service) if config.proxy.default_service else None)
+    for name, svc in config.services.items():
+        if svc.hosts:
+            router.add(svc.hosts, svc.paths, routes[name])
+    return router, routes
+
+
+async def _admin_app(config):
+    from aiohttp import web
+
+    async def healthz(request):
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.admin.listen.host, config.admin.listen.port, reuse_address=True)
+    await site.start()
+    return runner
+
+
+async def serve(config) -> int:
+    from proxy.server import ProxyServer
+
+    loop = asyncio.get_running_loop()
+    router, routes = build_router(config)
+    server = ProxyServer(config.proxy, router, loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: a signal must never find us unprepared
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        admin = await _admin_app(config)
+    except OSError as exc:
+        print(f"wakegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    log.info(
+        "wakegate %s listening on %s (admin %s), %d services, parser: %s",
+        __version__,
+        config.proxy.listen,
+        config.admin.listen,
+        len(config.services),
+        _implementation(),
+    )
+    await stop.wait()
+    log.info("draining: no new connections; in-flight requests get %.1fs", config.proxy.drain_timeout)
+    cut = await server.drain(config.proxy.drain_timeout)
+    if cut:
+        log.warning("drain: %d connections were still busy at the end of the grace period", cut)
+    for route in routes.values():
+        route.pool.close_idle()
+    await admin.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _load_or_exit(path: str):
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"wakegate: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wakegate", description="A scale-to-zero HTTP/1.1 front door.")
+    parser.add_argument("--version", action="store_true", help="print the version and the parser in use")
+    sub = parser.add_subparsers(dest="command")
+    p_serve = sub.add_parser("serve", help="run the proxy")
+    p_serve.add_argument("-c", "--config", required=True, help="path to the TOML config")
+    p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p_check = sub.add_parser("check", help="validate a config and exit")
+    p_check.add_argument("-c", "--config", required=True, help="path to the TOML config")
+    args = parser.parse_args(argv)
+
+    if args.version:
+        print(f"wakegate {__version__} (parser: {_implementation()})")
+        return 0
+    if args.command == "check":
+        config = _load_or_exit(args.config)
+        print(
+            f"{args.config}: ok, {len(config.services)} services, listen {config.proxy.listen}, "
+            f"admin {config.admin.listen} (parser: {_implementation()})"
+        )
+        return 0
+    if args.command == "serve":
+        config = _load_or_exit(args.config)
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        import uvloop
+
+        try:
+            return uvloop.run(serve(config))
+        except KeyboardInterrupt:
+            return 0
+    parser.print_help(sys.stderr)
+    return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""wakegate's TOML configuration: load, validate, and explain every mistake.
+
+``load(path)`` returns a frozen ``Config`` or raises ``ConfigError`` whose
+message names the file, the key and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Defaults, each with its precedent.
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"  # loopback: the admin API is not for the world
+HEAD_TIMEOUT = 10.0  # slow head gets 408; nginx client_header_timeout is 60 s, HAProxy's http-request 10 s
+KEEPALIVE_TIMEOUT = 75.0  # idle client connection; nginx keepalive_timeout 75 s
+BODY_TIMEOUT = 60.0  # gap between request body reads; nginx client_body_timeout 60 s
+CONNECT_TIMEOUT = 5.0  # upstream connect; HAProxy's timeout connect 5 s
+UPSTREAM_TIMEOUT = 60.0  # gap between upstream reads; nginx proxy_read_timeout 60 s
+SEND_TIMEOUT = 60.0  # client not reading a response; nginx send_timeout 60 s
+TUNNEL_TIMEOUT = 3600.0  # idle Upgrade tunnel; HAProxy's timeout tunnel is often 1 h
+DRAIN_TIMEOUT = 30.0  # grace for in-flight requests on SIGTERM; Kubernetes' default grace is 30 s
+MAX_HEAD_SIZE = 16 * 1024  # h11 and node: 16 KiB
+MAX_BODY_SIZE = 0  # 0: no limit, as HAProxy (nginx has 1 MiB, too small for uploads)
+UPSTREAM_KEEPALIVE = 64  # idle upstream connections kept per service; nginx's keepalive example uses 32-64
+UNKNOWN_HOST_STATUSES = (404, 421)
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message names file, key and problem."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    listen: Address
+    head_timeout: float = HEAD_TIMEOUT
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+    upstream_timeout: float = UPSTREAM_TIMEOUT
+    tunnel_timeout: float = TUNNEL_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
+    drain_timeout: float = DRAIN_TIMEOUT
+    max_head_size: int = MAX_HEAD_SIZE
+    max_body_size: int = MAX_BODY_SIZE
+    upstream_keepalive: int = UPSTREAM_KEEPALIVE
+    default_service: str = ""
+    unknown_host_status: int = 404
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: Address
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    hosts: tuple[str, ...]
+    paths: tuple[str, ...]
+    upstream: Address
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    proxy: ProxySettings
+    admin: AdminSettings
+    services: dict[str, ServiceConfig] = field(default_factory=dict)
+
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class _Reader:
+    """Walks one table, remembering the dotted key for error messages."""
+
+    def __init__(self, path: str, table: dict, prefix: str) -> None:
+        self.path = path
+        self.table = table
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.key(name)}: {problem}")
+
+    def get(self, name: str, default=None):
+        self.used.add(name)
+        return self.table.get(name, default)
+
+    def has(self, name: str) -> bool:
+        return name in self.table
+
+    def sub(self, name: str) -> "_Reader":
+        value = self.get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(name, f"expected a table, got {_kind(value)}")
+        return _Reader(self.path, value, self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check the spelling; config.example.toml lists every key)")
+
+    def duration(self, name: str, default: float, allow_zero: bool = False) -> float:
+        value = self.get(name, default)
+        seconds = parse_duration(value)
+        if seconds is None:
+            raise self.error(name, f'expected a duration like 30, "250ms", "30s" or "5m", got {value!r}')
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            raise self.error(name, f"must be greater than zero, got {value!r}")
+        return seconds
+
+    def size(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.get(name, default)
+        n = parse_size(value)
+        if n is None:
+            raise self.error(name, f'expected a size like 16384, "16KiB" or "10MiB", got {value!r}')
+        if n < minimum:
+            raise self.error(name, f"must be at least {minimum}, got {value!r}")
+        return n
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected a whole number, got {_kind(value)} {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.error(name, f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def string(self, name: str, default: str) -> str:
+        value = self.get(name, default)
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {_kind(value)} {value!r}")
+        return value
+
+    def strings(self, name: str) -> list[str]:
+        value = self.get(name, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(name, f"expected a list of strings, got {value!r}")
+        return value
+
+    def address(self, name: str, default: str | None = None) -> Address:
+        value = self.get(name, default)
+        if value is None:
+            raise self.error(name, 'missing; expected "host:port", for example "127.0.0.1:9001"')
+        address = parse_address(value)
+        if address is None:
+            raise self.error(name, f'expected "host:port" (IPv6 as "[::1]:port"), got {value!r}')
+        return address
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def parse_duration(value) -> float | None:
+    """Seconds from 30, 0.25, "250ms", "30s", "5m" or "1h"; None if it is none of those."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return None
+
+
+def parse_size(value) -> int | None:
+    """Bytes from 16384, "16KiB", "10MiB" or "1GB"; None if it is none of those."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    return None
+
+
+def parse_address(value) -> Address | None:
+    """Address from "127.0.0.1:8080", "[::1]:8080" or "localhost:8080"; None if invalid."""
+    if not isinstance(value, str):
+        return None
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})$", value) or re.match(r"^([A-Za-z0-9.-]+):([0-9]{1,5})$", value)
+    if not m:
+        return None
+    host, port = m.group(1), int(m.group(2))
+    if not 0 <= port <= 65535:
+        return None
+    if value.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    return Address(host, port)
+
+
+def _check_host_pattern(reader: _Reader, pattern: str) -> str:
+    p = pattern.strip().lower().rstrip(".")
+    name = p[2:] if p.startswith("*.") else p
+    if p.startswith("[") and p.endswith("]"):
+        try:
+            ipaddress.IPv6Address(p[1:-1])
+            return p
+        except ValueError:
+            pass
+    elif name and all(_HOST_LABEL.match(label) for label in name.split(".")):
+        return p
+    raise reader.error(
+        "hosts", f'{pattern!r} is not a host name; use names like "app.example" or "*.app.example", without port'
+    )
+
+
+def _check_path(reader: _Reader, path: str) -> str:
+    if not path.startswith("/") or any(c in path for c in " ?#") or not path.isprintable():
+        raise reader.error("paths", f'{path!r} is not a path prefix; prefixes start with "/", like "/api"')
+    return path
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(data, path)
+
+
+def from_dict(data: dict, path: str = "<config>") -> Config:
+    """Validate a parsed TOML document."""
+    top = _Reader(path, data, "")
+    p = top.sub("proxy")
+    proxy = ProxySettings(
+        listen=p.address("listen", DEFAULT_LISTEN),
+        head_timeout=p.duration("head_timeout", HEAD_TIMEOUT),
+        keepalive_timeout=p.duration("keepalive_timeout", KEEPALIVE_TIMEOUT),
+        body_timeout=p.duration("body_timeout", BODY_TIMEOUT),
+        connect_timeout=p.duration("connect_timeout", CONNECT_TIMEOUT),
+        upstream_timeout=p.duration("upstream_timeout", UPSTREAM_TIMEOUT),
+        tunnel_timeout=p.duration("tunnel_timeout", TUNNEL_TIMEOUT),
+        send_timeout=p.duration("send_timeout", SEND_TIMEOUT),
+        drain_timeout=p.duration("drain_timeout", DRAIN_TIMEOUT, allow_zero=True),
+        max_head_size=p.size("max_head_size", MAX_HEAD_SIZE, minimum=256),
+        max_body_size=p.size("max_body_size", MAX_BODY_SIZE),
+        upstream_keepalive=p.integer("upstream_keepalive", UPSTREAM_KEEPALIVE, 0, 100_000),
+        default_service=p.string("default_service", ""),
+        unknown_host_status=p.integer("unknown_host_status", 404, 400, 599),
+    )
+    if proxy.unknown_host_status not in UNKNOWN_HOST_STATUSES:
+        raise p.error("unknown_host_status", f"must be 404 or 421, got {proxy.unknown_host_status}")
+    p.finish()
+
+    a = top.sub("admin")
+    admin = AdminSettings(listen=a.address("listen", DEFAULT_ADMIN_LISTEN))
+    a.finish()
+
+    services: dict[str, ServiceConfig] = {}
+    s = top.sub("services")
+    seen: dict[tuple[str, str], str] = {}
+    for name in list(s.table):
+        r = s.sub(name)
+        if not _NAME.match(name):
+            raise top.error(f"services.{name}", "service names use letters, digits, '-', '_' and '.'")
+        hosts = tuple(_check_host_pattern(r, h) for h in r.strings("hosts"))
+        paths = tuple(_check_path(r, x) for x in r.strings("paths"))
+        if not hosts and name != proxy.default_service:
+            raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"]')
+        upstream = r.address("upstream")
+        r.finish()
+        for host in hosts:
+            for prefix in paths or ("",):
+                other = seen.setdefault((host, prefix), name)
+                if other != name:
+                    where = f"{host}{prefix}"
+                    raise r.error("hosts", f"{where!r} is already routed to service {other!r}")
+        services[name] = ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream)
+    s.used.update(s.table)
+    top.finish()
+
+    if proxy.default_service and proxy.default_service not in services:
+        raise p.error("default_service", f"names no service; known: {', '.join(sorted(services)) or 'none'}")
+    if not services:
+        raise top.error("services", "no services configured; add a [services.NAME] table")
+    return Config(path=path, proxy=proxy, admin=admin, services=services)

@@ -1,0 +1,90 @@
+"""Host and path-prefix routing: from a request's host and path to its service.
+
+Exact hosts cost one dict lookup; ``*.suffix`` wildcards match any deeper name;
+path prefixes match on segment boundaries and the longest one wins.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Iterable, TypeVar
+
+T = TypeVar("T")
+
+_BOUNDARY = frozenset(b"/?#")
+
+
+def prefix_matches(prefix: bytes, path: bytes) -> bool:
+    """"/api" matches "/api", "/api/x" and "/api?q", but not "/apix"."""
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith(b"/") or path[len(prefix)] in _BOUNDARY
+
+
+class _Paths(Generic[T]):
+    """The services of one host, by path prefix, longest first."""
+
+    __slots__ = ("prefixes", "fallback")
+
+    def __init__(self) -> None:
+        self.prefixes: list[tuple[bytes, T]] = []
+        self.fallback: T | None = None
+
+    def add(self, prefix: bytes, target: T) -> None:
+        if not prefix:
+            self.fallback = target
+        else:
+            self.prefixes.append((prefix, target))
+            self.prefixes.sort(key=lambda item: -len(item[0]))
+
+    def match(self, path: bytes) -> T | None:
+        for prefix, target in self.prefixes:
+            if prefix_matches(prefix, path):
+                return target
+        return self.fallback
+
+
+class Router(Generic[T]):
+    """Maps (host, path) to a target; hosts are lower-case bytes without port."""
+
+    def __init__(self, default: T | None = None) -> None:
+        self._exact: dict[bytes, object] = {}
+        self._wildcard: dict[bytes, object] = {}
+        self.default = default
+
+    def add(self, hosts: Iterable[str], paths: Iterable[str], target: T) -> None:
+        paths = [p.encode() for p in paths]
+        for host in hosts:
+            host = host.lower().encode()
+            table = self._exact
+            if host.startswith(b"*."):
+                table, host = self._wildcard, host[2:]
+            entry = table.get(host)
+            if not paths and entry is None:
+                table[host] = target  # the common case: one service, no paths
+                continue
+            if not isinstance(entry, _Paths):
+                first = entry
+                entry = table[host] = _Paths()
+                if first is not None:
+                    entry.add(b"", first)
+            for prefix in paths or [b""]:
+                entry.add(prefix, target)
+
+    def route(self, host: bytes | None, path: bytes) -> T | None:
+        """The target for this request, the default, or None."""
+        if host is not None:
+            entry = self._exact.get(host)
+            if entry is not None:
+                found = entry.match(path) if type(entry) is _Paths else entry
+                if found is not None:
+                    return found
+            if self._wildcard and host:
+                dot = host.find(b".")
+                while dot >= 0:
+                    entry = self._wildcard.get(host[dot + 1 :])
+                    if entry is not None:
+                        found = entry.match(path) if type(entry) is _Paths else entry
+                        if found is not None:
+                            return found
+                    dot = host.find(b".", dot + 1)
+        return self.default

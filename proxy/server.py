@@ -1,0 +1,676 @@
+"""The client side of the proxy: one asyncio protocol per client connection.
+
+It feeds bytes to the sans-io parser (proxy.http11), routes each request head,
+forwards it over a pooled upstream connection and streams both bodies with
+backpressure. Timeouts are deadlines swept by one ticker per server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from .http11 import (
+    CHUNKED,
+    UNTIL_CLOSE,
+    ChunkedScanner,
+    ProtocolError,
+    build_request,
+    build_response,
+    parse_request,
+    parse_response,
+)
+from .routing import Router
+from .upstream import UpstreamConnection, UpstreamPool
+
+log = logging.getLogger("wakegate.proxy")
+
+# Buffering limits, named with their precedent.
+MAX_PIPELINE_BYTES = 64 * 1024  # client bytes read ahead of the current exchange; uvloop's default high-water mark
+MAX_PENDING_BODY_BYTES = 64 * 1024  # request body held while the upstream connects; same mark
+TICK_MIN, TICK_MAX = 0.01, 0.5  # deadline sweep period bounds, seconds
+
+# Connection states
+S_HEAD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED = range(5)
+
+# Reasons reading from the client is paused (bits)
+P_UPSTREAM_FULL, P_PIPELINE_FULL, P_PENDING_FULL = 1, 2, 4
+
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    421: "Misdirected Request",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+_error_cache: dict[tuple[int, bool, bool], bytes] = {}
+
+
+def error_response(status: int, keep_alive: bool = False, head_only: bool = False) -> bytes:
+    """A complete plain-text error response from wakegate itself."""
+    key = (status, keep_alive, head_only)
+    cached = _error_cache.get(key)
+    if cached is None:
+        reason = REASONS.get(status, "Error")
+        body = f"{status} {reason}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n" + ("" if keep_alive else "Connection: close\r\n") + "\r\n"
+        ).encode()
+        cached = _error_cache[key] = head if head_only else head + body
+    return cached
+
+
+class ServiceRoute:
+    """What a request is routed to: a service's name and its upstream pool."""
+
+    __slots__ = ("name", "pool")
+
+    def __init__(self, name: str, pool: UpstreamPool) -> None:
+        self.name = name
+        self.pool = pool
+
+
+class Limits:
+    """The [proxy] settings the data path reads, flattened for speed."""
+
+    __slots__ = (
+        "head_timeout",
+        "keepalive_timeout",
+        "body_timeout",
+        "connect_timeout",
+        "upstream_timeout",
+        "tunnel_timeout",
+        "send_timeout",
+        "max_head_size",
+        "max_body_size",
+        "unknown_host_status",
+    )
+
+    def __init__(self, settings) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(settings, name))
+
+
+class ProxyServer:
+    """Listens for clients; owns the router, the connections and the deadline ticker."""
+
+    def __init__(self, settings, router: Router, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.settings = settings
+        self.limits = Limits(settings)
+        self.router = router
+        self.loop = loop or asyncio.get_event_loop()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.server: asyncio.AbstractServer | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        timeouts = [getattr(self.limits, n) for n in self.limits.__slots__ if n.endswith("timeout")]
+        self.tick = min(TICK_MAX, max(TICK_MIN, min(timeouts) / 4))
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            self.server = await self.loop.create_server(
+                lambda: ClientConnection(self),
+                self.settings.listen.host,
+                self.settings.listen.port,
+                backlog=4096,
+                reuse_address=True,
+            )
+        else:
+            self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+        self._ticker = self.loop.call_later(self.tick, self._sweep)
+
+    @property
+    def sockets(self):
+        return self.server.sockets if self.server else []
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn.deadline and now >= conn.deadline:
+                conn.on_deadline()
+        self._ticker = self.loop.call_later(self.tick, self._sweep)
+
+    async def drain(self, grace: float) -> int:
+        """Stop accepting, let in-flight requests finish within grace; return those cut off."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.drain()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(min(0.05, grace))
+        cut = len(self.connections)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        return cut
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection and the exchange (request, upstream, response) under way on it."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.loop = server.loop
+        self.transport = None
+        self.client_addr = b""
+        self.state = S_HEAD
+        self.buf = bytearray()  # client bytes not yet consumed
+        self.deadline = 0.0
+        self.read_paused = 0  # P_* bits
+        self.write_paused = False
+        # the exchange
+        self.req = None
+        self.route: ServiceRoute | None = None
+        self.req_left = 0
+        self.req_scanner = None
+        self.req_body_done = True
+        self.req_body_seen = 0
+        self.up_head = b""
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task | None = None
+        self.retried = False
+        self.resp = None
+        self.rbuf = bytearray()
+        self.resp_left = 0
+        self.resp_scanner = None
+        self.responded = False  # bytes of a final response were written
+        self.keep = False
+        self.client_eof = False
+        self.idle = False  # between requests, with the keep-alive deadline running
+
+    # ---- asyncio callbacks ----
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_addr = (peer[0] if peer else "unknown").encode()
+        self.server.connections.add(self)
+        self.deadline = self.loop.time() + self.limits.head_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == S_TUNNEL:
+            self.upstream.transport.write(data)
+            self.deadline = self.loop.time() + self.limits.tunnel_timeout
+            return
+        if self.buf:
+            self.buf += data
+            data = bytes(self.buf)
+            self.buf.clear()
+        self._consume(data)
+
+    def eof_received(self):
+        state = self.state
+        if state == S_TUNNEL:
+            if self.upstream is not None and self.upstream.transport.can_write_eof():
+                self.upstream.transport.write_eof()
+            return True
+        if state in (S_CONNECTING, S_EXCHANGE) and self.req_body_done:
+            self.client_eof = True  # it can still read the response under way; then we close
+            return True
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.state = S_CLOSED
+        self.server.connections.discard(self)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        if self.upstream is not None:
+            self.upstream.abort()  # its response was not finished; never reuse it
+            self.upstream = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+        if self.state == S_EXCHANGE:
+            self._wait_upstream()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+        if self.state == S_EXCHANGE:
+            self._wait_upstream()
+
+    def _wait_upstream(self) -> None:
+        """Deadline for the response: the service's, or the client's while it reads too slowly."""
+        limits = self.limits
+        self.deadline = self.loop.time() + (limits.send_timeout if self.write_paused else limits.upstream_timeout)
+
+    # ---- reading pauses ----
+
+    def _pause(self, bit: int) -> None:
+        if not self.read_paused and self.state != S_CLOSED:
+            self.transport.pause_reading()
+        self.read_paused |= bit
+
+    def _resume(self, bit: int) -> None:
+        if self.read_paused & bit:
+            self.read_paused &= ~bit
+            if not self.read_paused and self.state != S_CLOSED:
+                self.transport.resume_reading()
+
+    def upstream_pause_writing(self) -> None:
+        self._pause(P_UPSTREAM_FULL)
+
+    def upstream_resume_writing(self) -> None:
+        self._resume(P_UPSTREAM_FULL)
+
+    # ---- requests ----
+
+    def _consume(self, data: bytes) -> None:
+        """Use as many client bytes as the current state allows; keep the rest."""
+        pos = 0
+        n = len(data)
+        while pos < n:
+            state = self.state
+            if state == S_HEAD:
+                try:
+                    head = parse_request(data, pos, self.limits.max_head_size)
+                except ProtocolError as exc:
+                    self._reject(exc.status, str(exc))
+                    return
+                if head is None:
+                    if self.idle:
+                        # A new head has begun: it must be complete within head_timeout.
+                        self.idle = False
+                        self.deadline = self.loop.time() + self.limits.head_timeout
+                    self.buf += data[pos:] if pos else data
+                    return
+                pos += head.length
+                self.idle = False
+                self._begin(head)
+                continue
+            if state == S_TUNNEL:
+                self.upstream.transport.write(data[pos:] if pos else data)
+                return
+            if state == S_CLOSED:
+                return
+            if not self.req_body_done:
+                k = self._request_body(data, pos, n)
+                if k < 0:
+                    return
+                pos += k
+                continue
+            # The exchange is under way and its body is in: read ahead, within bounds.
+            self.buf += data[pos:] if pos else data
+            if len(self.buf) > MAX_PIPELINE_BYTES:
+                self._pause(P_PIPELINE_FULL)
+            return
+
+    def _begin(self, head) -> None:
+        """A request head is in: check it, route it and start its exchange."""
+        path = head.path
+        if path[:1] != b"/" and path != b"*":
+            if head.method == b"CONNECT":
+                self._reject(501, "CONNECT is not supported")
+            else:
+                self._reject(400, "request target is not a path")
+            return
+        limits = self.limits
+        if limits.max_body_size and head.body_length > limits.max_body_size:
+            self._reject(413, "body too large")
+            return
+        route = self.server.router.route(head.host, path)
+        if route is None:
+            self._local_response(head, limits.unknown_host_status)
+            return
+        self.req = head
+        self.route = route
+        body_length = head.body_length
+        self.req_body_seen = 0
+        if body_length == 0:
+            self.req_body_done = True
+        elif body_length == CHUNKED:
+            self.req_body_done = False
+            self.req_scanner = ChunkedScanner()
+        else:
+            self.req_body_done = False
+            self.req_left = body_length
+        self.up_head = build_request(head, self.client_addr)
+        self.responded = False
+        self.retried = False
+        conn = route.pool.take()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._connect()
+
+    def _connect(self) -> None:
+        self.state = S_CONNECTING
+        self.deadline = self.loop.time() + self.limits.connect_timeout
+        self.connect_task = task = self.loop.create_task(self.route.pool.connect())
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if self.connect_task is not task or self.state != S_CONNECTING:
+            if exc is None:  # connected just as the client left: keep it for the next one
+                conn = task.result()
+                conn.pool.give_back(conn)
+            return
+        self.connect_task = None
+        if exc is not None:
+            log.warning("upstream %s:%d for %s: %s", self.route.pool.host, self.route.pool.port, self.route.name, exc)
+            self._upstream_error(502, "upstream refused the connection")
+            return
+        self._attach(task.result())
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        """Send the request head (and any body held so far) on conn."""
+        self.upstream = conn
+        conn.owner = self
+        self.state = S_EXCHANGE
+        self.deadline = self.loop.time() + (
+            self.limits.upstream_timeout if self.req_body_done else self.limits.body_timeout
+        )
+        if self.write_paused:
+            conn.pause_reading()
+        if self.pending:
+            conn.transport.write(self.up_head + b"".join(self.pending))
+            self.pending.clear()
+            self.pending_size = 0
+            self._resume(P_PENDING_FULL)
+        else:
+            conn.transport.write(self.up_head)
+
+    def _request_body(self, data: bytes, pos: int, n: int) -> int:
+        """Forward request body bytes from data[pos:]; how many were body, or -1 if closed."""
+        if self.req_scanner is not None:
+            try:
+                k = self.req_scanner.feed(data, pos)
+            except ProtocolError as exc:
+                self._reject(exc.status, str(exc))
+                return -1
+            done = self.req_scanner.done
+        else:
+            k = min(self.req_left, n - pos)
+            self.req_left -= k
+            done = self.req_left == 0
+        if k:
+            chunk = data if (pos == 0 and k == n) else data[pos : pos + k]
+            self.req_body_seen += k
+            max_body = self.limits.max_body_size
+            if max_body and self.req_body_seen > max_body:
+                self._reject(413, "body too large")
+                return -1
+            if self.upstream is not None:
+                self.upstream.transport.write(chunk)
+            else:
+                self.pending.append(chunk)
+                self.pending_size += k
+                if self.pending_size > MAX_PENDING_BODY_BYTES:
+                    self._pause(P_PENDING_FULL)
+        if done:
+            self.req_body_done = True
+            self.req_scanner = None
+            if self.state == S_EXCHANGE and self.resp is None:
+                self.deadline = self.loop.time() + self.limits.upstream_timeout
+        else:
+            self.deadline = self.loop.time() + self.limits.body_timeout
+        return k
+
+    # ---- responses ----
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.state == S_TUNNEL:
+            self.transport.write(data)
+            self.deadline = self.loop.time() + self.limits.tunnel_timeout
+            return
+        resp = self.resp
+        if resp is None:
+            self._response_head(data)
+            return
+        self._wait_upstream()
+        body_length = resp.body_length
+        n = len(data)
+        if body_length > 0:
+            take = self.resp_left if self.resp_left < n else n
+            self.transport.write(data if take == n else data[:take])
+            self.resp_left -= take
+            if self.resp_left == 0:
+                self._finish(take == n)
+        elif body_length == CHUNKED:
+            try:
+                k = self.resp_scanner.feed(data)
+            except ProtocolError as exc:
+                self._upstream_broken(f"invalid chunked response body: {exc}")
+                return
+            self.transport.write(data if k == n else data[:k])
+            if self.resp_scanner.done:
+                self._finish(k == n)
+        else:  # UNTIL_CLOSE
+            self.transport.write(data)
+
+    def _response_head(self, data: bytes) -> None:
+        req = self.req
+        if self.rbuf:
+            self.rbuf += data
+            data = bytes(self.rbuf)
+            self.rbuf.clear()
+        pos = 0
+        n = len(data)
+        while True:
+            try:
+                resp = parse_response(data, pos, self.limits.max_head_size, req.is_head)
+            except ProtocolError as exc:
+                self._upstream_broken(f"invalid response head: {exc}", status=502)
+                return
+            if resp is None:
+                self.rbuf += data[pos:] if pos else data
+                self._wait_upstream()
+                return
+            pos += resp.length
+            if resp.status >= 200 or resp.status == 101:
+                break
+            if req.version:  # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client
+                self.transport.write(build_response(resp, True, 1))
+        if resp.status == 101:
+            if req.upgrade is None:
+                self._upstream_broken("101 for a request that asked no upgrade", status=502)
+                return
+            self._tunnel(resp, data[pos:])
+            return
+        self.resp = resp
+        self.responded = True
+        keep = req.keep_alive and self.req_body_done and not self.server.draining
+        body_length = resp.body_length
+        if body_length == UNTIL_CLOSE:
+            keep = False
+        self.keep = keep
+        out = build_response(resp, keep, req.version)
+        if body_length == 0:
+            self.transport.write(out)
+            self._finish(pos == n)
+        elif body_length > 0:
+            take = min(body_length, n - pos)
+            self.transport.write(out + data[pos : pos + take] if take else out)
+            self.resp_left = body_length - take
+            if self.resp_left == 0:
+                self._finish(pos + take == n)
+            else:
+                self._wait_upstream()
+        elif body_length == CHUNKED:
+            self.resp_scanner = scanner = ChunkedScanner()
+            try:
+                k = scanner.feed(data, pos)
+            except ProtocolError as exc:
+                self.transport.write(out)
+                self._upstream_broken(f"invalid chunked response body: {exc}")
+                return
+            self.transport.write(out + data[pos : pos + k])
+            if scanner.done:
+                self._finish(pos + k == n)
+            else:
+                self._wait_upstream()
+        else:
+            self.transport.write(out + data[pos:])
+            self._wait_upstream()
+
+    def _tunnel(self, resp, rest: bytes) -> None:
+        """After a 101, both sides are bytes until either closes."""
+        self.state = S_TUNNEL
+        self.resp = resp
+        self.responded = True
+        self.transport.write(build_response(resp, True, 1) + rest)
+        if self.buf:
+            self.upstream.transport.write(bytes(self.buf))
+            self.buf.clear()
+        self._resume(P_PIPELINE_FULL)
+        self.deadline = self.loop.time() + self.limits.tunnel_timeout
+
+    def _finish(self, clean: bool) -> None:
+        """The response is complete: recycle the upstream, then serve the next request."""
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            if clean and self.resp.keep_alive and self.req_body_done:
+                self.route.pool.give_back(conn)
+            else:
+                conn.close()
+        self.resp = None
+        self.resp_scanner = None
+        self.req = None
+        self.route = None
+        if not self.keep or self.server.draining or self.client_eof:
+            self.close()
+            return
+        self.state = S_HEAD
+        self.idle = True
+        self.deadline = self.loop.time() + self.limits.keepalive_timeout
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._resume(P_PIPELINE_FULL)
+            self._consume(data)
+
+    def upstream_lost(self, conn: UpstreamConnection) -> None:
+        """The upstream closed or reset the connection of the exchange under way."""
+        if conn is not self.upstream:
+            return
+        self.upstream = None
+        if self.state == S_TUNNEL:
+            self.close()
+            return
+        resp = self.resp
+        if resp is not None:
+            if resp.body_length == UNTIL_CLOSE:
+                self._finish(False)
+            else:
+                log.warning("upstream for %s closed in the middle of a response", self.route.name)
+                self.close()  # the client sees a short body: the truth
+            return
+        if conn.reused and not self.retried and not self.rbuf and self.req.body_length == 0:
+            # A pooled connection the service had already closed: try once on a fresh one.
+            self.retried = True
+            self._connect()
+            return
+        self._upstream_error(502, "upstream closed the connection")
+
+    # ---- failures ----
+
+    def _upstream_broken(self, why: str, status: int = 502) -> None:
+        """The service sent something unusable."""
+        log.warning("upstream for %s: %s", self.route.name if self.route else "?", why)
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._upstream_error(status, why)
+
+    def _upstream_error(self, status: int, why: str) -> None:
+        """Answer the current request with status, if nothing of its response was sent."""
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self.responded or self.state == S_CLOSED:
+            self.close()
+            return
+        req = self.req
+        keep = req.keep_alive and self.req_body_done and not self.server.draining
+        self.transport.write(error_response(status, keep, req.is_head))
+        self.responded = True
+        self.resp = None
+        self.keep = keep
+        self._finish(False)
+
+    def _local_response(self, head, status: int) -> None:
+        """Answer a request wakegate can route nowhere, keeping the connection if its framing allows."""
+        keep = head.keep_alive and head.body_length == 0 and not self.server.draining
+        self.transport.write(error_response(status, keep, head.is_head))
+        if not keep:
+            self.close()
+        else:
+            self.idle = True
+            self.deadline = self.loop.time() + self.limits.keepalive_timeout
+
+    def _reject(self, status: int, why: str) -> None:
+        """A request we cannot read on from: answer (if nothing was sent yet) and close."""
+        log.info("client %s: %d %s", self.client_addr.decode(), status, why)
+        if not self.responded and self.state != S_CLOSED:
+            self.transport.write(error_response(status, False))
+        self.close()
+
+    def on_deadline(self) -> None:
+        state = self.state
+        if state == S_HEAD:
+            if self.buf:
+                self._reject(408, "request head too slow")
+            else:
+                self.close()  # idle keep-alive connection
+        elif state == S_CONNECTING:
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+                self.connect_task = None
+            self._upstream_error(504, "upstream connect timed out")
+        elif state == S_EXCHANGE:
+            if self.write_paused and self.responded:
+                log.info("client %s reads too slowly; closing", self.client_addr.decode())
+                self.close()
+            elif not self.req_body_done and self.resp is None:
+                if self.upstream is not None:
+                    self.upstream.abort()
+                    self.upstream = None
+                self._reject(408, "request body too slow")
+            else:
+                self._upstream_error(504, "upstream timed out")
+        else:
+            self.close()
+
+    def drain(self) -> None:
+        """Shutting down: idle connections close now, busy ones after their response."""
+        if self.state == S_HEAD and not self.buf:
+            self.close()
+
+    def close(self) -> None:
+        if self.state != S_CLOSED:
+            self.state = S_CLOSED
+            self.deadline = 0.0
+            self.transport.close()
+            if self.upstream is not None:
+                self.upstream.abort()
+                self.upstream = None
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+                self.connect_task = None
+
+    def abort(self) -> None:
+        self.close()
+        self.transport.abort()

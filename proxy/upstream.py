@@ -1,0 +1,138 @@
+"""Keep-alive connections to one service's address.
+
+``UpstreamPool`` keeps idle connections (last in, first out, so the warmest is
+reused); ``UpstreamConnection`` is a thin protocol that hands every event to
+the client exchange that currently owns it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to a service; ``owner`` is the exchange using it, or None when idle."""
+
+    __slots__ = ("pool", "transport", "owner", "reused", "closed", "reading_paused")
+
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self.pool = pool
+        self.transport = None
+        self.owner = None
+        self.reused = False
+        self.closed = False
+        self.reading_paused = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:
+            # Bytes on an idle connection: the service broke framing; never reuse it.
+            self.close()
+            return
+        owner.upstream_data(data)
+
+    def eof_received(self):
+        return False  # close our side too; a half-closed upstream is of no use
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            owner.upstream_lost(self)
+        else:
+            self.pool.discard(self)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_resume_writing()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close after pending writes; the connection is never reused."""
+        if not self.closed:
+            self.closed = True
+            self.owner = None
+            self.transport.close()
+            self.pool.discard(self)
+
+    def abort(self) -> None:
+        """Drop at once (a request was cut short); the service sees a reset."""
+        if not self.closed:
+            self.closed = True
+            self.owner = None
+            self.transport.abort()
+            self.pool.discard(self)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one address, at most ``max_idle`` of them."""
+
+    def __init__(self, host: str, port: int, max_idle: int) -> None:
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self.idle: list[UpstreamConnection] = []
+        self.opened = 0  # connections made, for tests and metrics
+
+    def take(self) -> UpstreamConnection | None:
+        """An idle connection to reuse, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def give_back(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose last response ended cleanly."""
+        conn.owner = None
+        if conn.closed:
+            return
+        if len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.resume_reading()  # an idle connection must notice the service closing it
+        self.idle.append(conn)
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+        self.opened += 1
+        return conn
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close_idle(self) -> None:
+        """Close every idle connection (the service is going away)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()

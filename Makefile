@@ -1,0 +1,41 @@
+# wakegate: `make run` and `make test` set up everything they need on a fresh Debian machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-c test-python setup build bench-parse bench clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP) build
+
+# Build the C extension in place; fail loudly if it does not build or import.
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "import proxy._speedups, proxy.http11 as h; assert h.IMPLEMENTATION == 'c', h.IMPLEMENTATION"
+
+run: setup
+	$(PY) examples/demo.py
+
+# The whole suite against the C extension, then against the pure-Python twin.
+test: setup test-c test-python
+
+test-c:
+	$(PY) -m pytest
+
+test-python:
+	WAKEGATE_PUREPYTHON=1 $(PY) -m pytest
+
+bench-parse: setup
+	$(PY) -m pytest bench/test_parse.py --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,ops -p no:cacheprovider
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info proxy/*.so .pytest_cache .hypothesis .benchmarks

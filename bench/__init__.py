@@ -1,0 +1,1 @@
+"""wakegate's benchmarks: parser micro-benchmarks and the proxy comparison runs."""

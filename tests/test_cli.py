@@ -1,0 +1,70 @@
+"""controller.cli: `wakegate check`, `--version`, and clean failures without tracebacks."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+PARSER = "pure Python" if os.environ.get("WAKEGATE_PUREPYTHON") else "C extension"
+
+
+def wakegate(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_version_names_the_parser():
+    result = wakegate("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("wakegate ") and f"(parser: {PARSER})" in result.stdout
+
+
+def test_check_example_config():
+    result = wakegate("check", "-c", "config.example.toml")
+    assert result.returncode == 0, result.stderr
+    assert "ok, 2 services" in result.stdout and PARSER in result.stdout
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[proxy\n", "not valid TOML"),
+        ('[services.a]\nhosts = ["a.example"]\nupstream = "nowhere"\n', "services.a.upstream"),
+        ('[proxy]\nhead_timeout = "fast"\n[services.a]\nhosts = ["a"]\nupstream = "127.0.0.1:1"\n', "proxy.head_timeout"),
+    ],
+)
+def test_check_bad_config(tmp_path, text, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for command in ("check", "serve"):
+        result = wakegate(command, "-c", str(path))
+        assert result.returncode == 2
+        assert str(path) in result.stderr and needle in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_check_missing_file(tmp_path):
+    result = wakegate("check", "-c", str(tmp_path / "none.toml"))
+    assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_serve_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "c.toml"
+        path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\n[services.a]\nhosts = ["a"]\nupstream = "127.0.0.1:1"\n')
+        result = wakegate("serve", "-c", str(path))
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_command_prints_help():
+    result = wakegate()
+    assert result.returncode == 2 and "serve" in result.stderr

@@ -1,0 +1,130 @@
+"""controller.config: durations, sizes, addresses, and errors that name file, key and problem."""
+
+import pytest
+
+from controller.config import ConfigError, load, parse_address, parse_duration, parse_size
+
+GOOD = """
+[proxy]
+listen = "127.0.0.1:8080"
+head_timeout = "250ms"
+upstream_timeout = 30
+keepalive_timeout = "5m"
+max_body_size = "10MiB"
+
+[admin]
+listen = "[::1]:9090"
+
+[services.app]
+hosts = ["App.Example", "*.b.example"]
+paths = ["/api"]
+upstream = "127.0.0.1:9001"
+
+[services.site]
+hosts = ["app.example"]
+upstream = "localhost:9002"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "wakegate.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config(tmp_path):
+    config = load(write(tmp_path, GOOD))
+    assert config.proxy.head_timeout == 0.25
+    assert config.proxy.upstream_timeout == 30
+    assert config.proxy.keepalive_timeout == 300
+    assert config.proxy.max_body_size == 10 << 20
+    assert str(config.admin.listen) == "[::1]:9090"
+    assert config.services["app"].hosts == ("app.example", "*.b.example")
+    assert config.services["app"].paths == ("/api",)
+    assert config.services["site"].upstream.port == 9002
+
+
+@pytest.mark.parametrize(
+    "value,seconds",
+    [(30, 30.0), (0.5, 0.5), ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1.5s", 1.5),
+     ("2", 2.0), ("x", None), ("5d", None), (True, None), ("-1s", None), (float("inf"), None)],
+)
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    "value,size", [(100, 100), ("16KiB", 16384), ("1MiB", 1 << 20), ("2GB", 2 * 10**9), ("1.5MiB", None), ("x", None)]
+)
+def test_parse_size(value, size):
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize(
+    "value,ok",
+    [("127.0.0.1:80", True), ("[::1]:80", True), ("localhost:1", True), ("::1:80", False), ("host", False),
+     ("h:99999", False), ("[zz]:80", False), (80, False)],
+)
+def test_parse_address(value, ok):
+    assert (parse_address(value) is not None) == ok
+
+
+BAD = [
+    # text appended to a minimal valid config or replacing it, expected key, expected words
+    ('[proxy]\nlisten = "nowhere"\n', "proxy.listen", "host:port"),
+    ('[proxy]\nhead_timeout = "soon"\n', "proxy.head_timeout", "duration"),
+    ("[proxy]\nhead_timeout = 0\n", "proxy.head_timeout", "greater than zero"),
+    ("[proxy]\nmax_body_size = -1\n", "proxy.max_body_size", "at least"),
+    ('[proxy]\nmax_body_size = "lots"\n', "proxy.max_body_size", "size"),
+    ("[proxy]\nupstream_keepalive = 1.5\n", "proxy.upstream_keepalive", "whole number"),
+    ("[proxy]\nunknown_host_status = 400\n", "proxy.unknown_host_status", "404 or 421"),
+    ('[proxy]\ndefault_service = "nope"\n', "proxy.default_service", "names no service"),
+    ("[proxy]\nlisten_port = 1\n", "proxy.listen_port", "unknown key"),
+    ('[admin]\nlisten = "1.2.3.4"\n', "admin.listen", "host:port"),
+    ("[bogus]\n", "bogus", "unknown key"),
+    ('[services.x]\nhosts = ["x.example"]\n', "services.x.upstream", "missing"),
+    ('[services.x]\nupstream = "127.0.0.1:1"\n', "services.x.hosts", "missing"),
+    ('[services.x]\nhosts = "bad host"\nupstream = "127.0.0.1:1"\n', "services.x.hosts", "not a host name"),
+    ('[services.x]\nhosts = ["a.example:80"]\nupstream = "127.0.0.1:1"\n', "services.x.hosts", "without port"),
+    ('[services.x]\nhosts = [1]\nupstream = "127.0.0.1:1"\n', "services.x.hosts", "list of strings"),
+    ('[services.x]\nhosts = ["x.example"]\npaths = ["api"]\nupstream = "127.0.0.1:1"\n', "services.x.paths", "start with"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nport = 2\n', "services.x.port", "unknown key"),
+    ('[services.x]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:1"\n', "services.ok.hosts", "already routed"),
+    ('[services."bad name"]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\n', "services.bad name", "service names"),
+    ("services = 3\n", "services", "expected a table"),
+]
+
+MINIMAL = '[services.ok]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:9001"\n'
+
+
+@pytest.mark.parametrize("text,key,words", BAD)
+def test_bad_config_names_file_key_and_problem(tmp_path, text, key, words):
+    body = text + "\n" + MINIMAL if not text.startswith("services =") else text
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert words in message
+
+
+def test_no_services(tmp_path):
+    with pytest.raises(ConfigError, match="no services configured"):
+        load(write(tmp_path, "[proxy]\n"))
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match=r"wakegate.toml: not valid TOML: .*line 1"):
+        load(write(tmp_path, "[proxy\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "absent.toml")
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    config = load(Path(__file__).resolve().parent.parent / "config.example.toml")
+    assert config.services

@@ -1,0 +1,70 @@
+"""proxy.routing: exact and wildcard hosts, longest path prefix on segment boundaries."""
+
+import pytest
+
+from proxy.routing import Router, prefix_matches
+
+
+@pytest.fixture
+def router():
+    r = Router(default=None)
+    r.add(["a.example"], [], "a")
+    r.add(["a.example"], ["/api", "/api/v2"], "a-api")
+    r.add(["a.example"], ["/static/"], "a-static")
+    r.add(["*.b.example"], [], "b-any")
+    r.add(["x.b.example"], [], "b-x")
+    r.add(["*.c.example"], ["/only"], "c-only")
+    r.add(["[::1]"], [], "v6")
+    return r
+
+
+ROUTES = [
+    # host, path, target
+    (b"a.example", b"/", "a"),
+    (b"a.example", b"/api", "a-api"),
+    (b"a.example", b"/api/users", "a-api"),
+    (b"a.example", b"/api?x=1", "a-api"),
+    (b"a.example", b"/apix", "a"),
+    (b"a.example", b"/api/v2/x", "a-api"),
+    (b"a.example", b"/static/app.js", "a-static"),
+    (b"a.example", b"/static", "a"),
+    (b"y.b.example", b"/", "b-any"),
+    (b"z.y.b.example", b"/", "b-any"),
+    (b"x.b.example", b"/", "b-x"),
+    (b"b.example", b"/", None),
+    (b"q.c.example", b"/only/x", "c-only"),
+    (b"q.c.example", b"/other", None),
+    (b"[::1]", b"/", "v6"),
+    (b"unknown", b"/", None),
+    (None, b"/", None),
+    (b"", b"/", None),
+]
+
+
+@pytest.mark.parametrize("host,path,target", ROUTES)
+def test_route(router, host, path, target):
+    assert router.route(host, path) == target
+
+
+def test_default(router):
+    router.default = "fallback"
+    assert router.route(b"unknown", b"/") == "fallback"
+    assert router.route(None, b"/") == "fallback"
+    assert router.route(b"a.example", b"/") == "a"
+
+
+def test_longest_prefix_wins_in_any_order():
+    r = Router()
+    r.add(["h"], ["/a/b/c"], "deep")
+    r.add(["h"], ["/a"], "shallow")
+    r.add(["h"], ["/a/b"], "middle")
+    assert [r.route(b"h", p) for p in (b"/a/b/c/d", b"/a/b/x", b"/a/x", b"/x")] == ["deep", "middle", "shallow", None]
+
+
+@pytest.mark.parametrize(
+    "prefix,path,ok",
+    [(b"/api", b"/api", True), (b"/api", b"/api/", True), (b"/api", b"/api#f", True), (b"/api", b"/apiary", False),
+     (b"/api/", b"/api/x", True), (b"/api/", b"/api", False), (b"/", b"/anything", True)],
+)
+def test_prefix_matches(prefix, path, ok):
+    assert prefix_matches(prefix, path) == ok

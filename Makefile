@@ -4,9 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-c test-python setup build bench-parse bench clean
+.PHONY: run test test-c test-python setup build system-deps bench-parse bench clean
+
+# Debian packages the build needs: venv, a compiler and the Python headers.
+system-deps:
+	@if ! $(PYTHON) -c "import venv, ensurepip, sysconfig, os; assert os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')" 2>/dev/null \
+	    || ! command -v cc >/dev/null; then \
+	  echo "installing python3-venv python3-dev gcc with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-dev gcc >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml setup.py
+	$(MAKE) --no-print-directory system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -47,7 +47,8 @@ class Router(Generic[T]):
     """Maps (host, path) to a target; hosts are lower-case bytes without port."""
 
     def __init__(self, default: T | None = None) -> None:
-        self._exact: dict[bytes, object] = {}
+        # exact host -> target, or -> _Paths when the host has path prefixes
+        self.exact: dict[bytes, object] = {}
         self._wildcard: dict[bytes, object] = {}
         self.default = default
 
@@ -55,7 +56,7 @@ class Router(Generic[T]):
         paths = [p.encode() for p in paths]
         for host in hosts:
             host = host.lower().encode()
-            table = self._exact
+            table = self.exact
             if host.startswith(b"*."):
                 table, host = self._wildcard, host[2:]
             entry = table.get(host)
@@ -73,7 +74,7 @@ class Router(Generic[T]):
     def route(self, host: bytes | None, path: bytes) -> T | None:
         """The target for this request, the default, or None."""
         if host is not None:
-            entry = self._exact.get(host)
+            entry = self.exact.get(host)
             if entry is not None:
                 found = entry.match(path) if type(entry) is _Paths else entry
                 if found is not None:

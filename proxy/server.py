@@ -164,6 +164,7 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.limits = server.limits
         self.loop = server.loop
+        self.exact_hosts = server.router.exact
         self.transport = None
         self.client_addr = b""
         self.state = S_HEAD
@@ -203,7 +204,19 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self.loop.time() + self.limits.head_timeout
 
     def data_received(self, data: bytes) -> None:
-        if self.state == S_TUNNEL:
+        state = self.state
+        if state == S_HEAD and not self.buf:
+            # Fast path: one whole request head without a body, in one read.
+            try:
+                head = parse_request(data, 0, self.limits.max_head_size)
+            except ProtocolError as exc:
+                self._reject(exc.status, str(exc))
+                return
+            if head is not None and head.length == len(data) and head.body_length == 0:
+                self.idle = False
+                self._begin(head)
+                return
+        elif state == S_TUNNEL:
             self.upstream.transport.write(data)
             self.deadline = self.loop.time() + self.limits.tunnel_timeout
             return
@@ -317,7 +330,7 @@ class ClientConnection(asyncio.Protocol):
     def _begin(self, head) -> None:
         """A request head is in: check it, route it and start its exchange."""
         path = head.path
-        if path[:1] != b"/" and path != b"*":
+        if path[0] != 47 and path != b"*":  # 47: "/"
             if head.method == b"CONNECT":
                 self._reject(501, "CONNECT is not supported")
             else:
@@ -327,7 +340,10 @@ class ClientConnection(asyncio.Protocol):
         if limits.max_body_size and head.body_length > limits.max_body_size:
             self._reject(413, "body too large")
             return
-        route = self.server.router.route(head.host, path)
+        host = head.host
+        route = self.exact_hosts.get(host)  # one dict lookup for the common case
+        if route is None or route.__class__ is not ServiceRoute:
+            route = self.server.router.route(host, path)
         if route is None:
             self._local_response(head, limits.unknown_host_status)
             return
@@ -431,6 +447,26 @@ class ClientConnection(asyncio.Protocol):
     # ---- responses ----
 
     def upstream_data(self, data: bytes) -> None:
+        if self.resp is None and not self.rbuf:
+            # Fast path: a whole final response with a Content-Length body, in one read.
+            req = self.req
+            try:
+                resp = parse_response(data, 0, self.limits.max_head_size, req.is_head)
+            except ProtocolError as exc:
+                self._upstream_broken(f"invalid response head: {exc}")
+                return
+            if (
+                resp is not None
+                and resp.status >= 200
+                and resp.body_length >= 0
+                and resp.length + resp.body_length == len(data)
+            ):
+                self.resp = resp
+                self.responded = True
+                self.keep = keep = req.keep_alive and self.req_body_done and not self.server.draining
+                self.transport.write(build_response(resp, keep, req.version) + data[resp.length :])
+                self._finish(True)
+                return
         if self.state == S_TUNNEL:
             self.transport.write(data)
             self.deadline = self.loop.time() + self.limits.tunnel_timeout

@@ -116,7 +116,8 @@ class UpstreamPool:
         if len(self.idle) >= self.max_idle:
             conn.close()
             return
-        conn.resume_reading()  # an idle connection must notice the service closing it
+        if conn.reading_paused:
+            conn.resume_reading()  # an idle connection must notice the service closing it
         self.idle.append(conn)
 
     async def connect(self) -> UpstreamConnection:

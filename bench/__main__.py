@@ -1,0 +1,385 @@
+"""``python -m bench``: wakegate against a direct connection, nginx and HAProxy, in one run.
+
+Layout (from ../shared/DESIGN.md): the backend (nginx, one worker, ``return 200``)
+and wrk share CPU 1; the proxy under test has CPU 0 to itself. Targets are run
+in rotating order for several rounds; the report gives medians and spread, and
+ratios against nginx and HAProxy, since absolute numbers drift on shared hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PROXY_CPU, LOAD_CPU = "0", "1"
+DEBIAN_TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
+HOST = "bench.test"
+
+
+def ensure_tools() -> None:
+    missing = [pkg for tool, pkg in DEBIAN_TOOLS.items() if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists()]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"bench: missing {', '.join(missing)}; install them with: sudo apt-get install {' '.join(missing)}")
+    print(f"bench: installing {' '.join(missing)} with apt-get", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def tool(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process and its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proc: subprocess.Popen | None = None  # the process whose CPU is charged to the target
+    runs: list[dict] = field(default_factory=list)
+
+
+def nginx_conf(tmp: Path, name: str, body: str) -> Path:
+    conf = tmp / f"{name}.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+daemon off;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/{name}-body;
+    proxy_temp_path {tmp}/{name}-proxy;
+    keepalive_requests 1000000;
+{body}
+}}
+"""
+    )
+    return conf
+
+
+def start(cmd: list[str], cpu: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def worker_pid(master: subprocess.Popen) -> int:
+    """nginx's single worker (the process doing the work), or the process itself."""
+    try:
+        children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+        return int(children[0]) if children else master.pid
+    except OSError:
+        return master.pid
+
+
+def setup_targets(tmp: Path, body_bytes: int) -> tuple[list[Target], list[subprocess.Popen]]:
+    procs = []
+    backend_port = free_port()
+    if body_bytes <= 1024:  # small: nginx's `return`, no file system work (as in DESIGN.md's runs)
+        location = f'return 200 "{"o" * body_bytes}";'
+    else:
+        (tmp / "www").mkdir()
+        (tmp / "www" / "index.html").write_bytes(b"o" * body_bytes)
+        location = f"root {tmp / 'www'}; index index.html;"
+    backend = start(
+        [tool("nginx"), "-c", str(nginx_conf(tmp, "backend", f"""
+    server {{
+        listen 127.0.0.1:{backend_port} backlog=4096;
+        location / {{ {location} }}
+    }}"""))],
+        LOAD_CPU,
+        tmp / "backend.log",
+    )
+    procs.append(backend)
+    wait_port(backend_port)
+
+    wg_port = free_port()
+    wg_conf = tmp / "wakegate.toml"
+    wg_conf.write_text(
+        f"""[proxy]
+listen = "127.0.0.1:{wg_port}"
+upstream_keepalive = 256
+[admin]
+listen = "127.0.0.1:{free_port()}"
+[services.bench]
+hosts = ["{HOST}"]
+upstream = "127.0.0.1:{backend_port}"
+"""
+    )
+    wakegate = start(
+        [sys.executable, "-m", "controller.cli", "serve", "-c", str(wg_conf), "--log-level", "warning"],
+        PROXY_CPU,
+        tmp / "wakegate.log",
+    )
+    procs.append(wakegate)
+
+    ngx_port = free_port()
+    ngx = start(
+        [tool("nginx"), "-c", str(nginx_conf(tmp, "proxy", f"""
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 256; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{ngx_port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+        }}
+    }}"""))],
+        PROXY_CPU,
+        tmp / "nginx.log",
+    )
+    procs.append(ngx)
+
+    hap_port = free_port()
+    hap_cfg = tmp / "haproxy.cfg"
+    hap_cfg.write_text(
+        f"""global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+    option forwardfor
+frontend fe
+    bind 127.0.0.1:{hap_port}
+    default_backend be
+backend be
+    server s1 127.0.0.1:{backend_port}
+"""
+    )
+    hap = start([tool("haproxy"), "-f", str(hap_cfg), "-db"], PROXY_CPU, tmp / "haproxy.log")
+    procs.append(hap)
+    for port in (wg_port, ngx_port, hap_port):
+        wait_port(port)
+    time.sleep(0.3)
+    targets = [
+        Target("direct", backend_port, backend),
+        Target("wakegate", wg_port, wakegate),
+        Target("nginx", ngx_port, ngx),
+        Target("haproxy", hap_port, hap),
+    ]
+    return targets, procs
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text: str) -> float:
+    m = re.match(r"([0-9.]+)(us|ms|s|m)$", text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(port: int, connections: int, duration: float) -> dict:
+    cmd = [
+        "taskset", "-c", LOAD_CPU, tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+        "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    out = run.stdout
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk against port {port} gave no result:\n{out}{run.stderr}")
+    rps = float(m.group(1))
+    total = int(re.search(r"([0-9]+) requests in", out).group(1))
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses:\s+([0-9]+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect ([0-9]+), read ([0-9]+), write ([0-9]+), timeout ([0-9]+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    pct = {p: _seconds(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M)}
+    return {"rps": rps, "requests": total, "errors": errors, "p50": pct["50"], "p99": pct["99"]}
+
+
+def machine() -> dict:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+
+    def version(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    from proxy.http11 import IMPLEMENTATION
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "parser": IMPLEMENTATION,
+        "nginx": version([tool("nginx"), "-v"]),
+        "haproxy": version([tool("haproxy"), "-v"]),
+        "wrk": version([tool("wrk"), "-v"]),
+    }
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def steady(args) -> dict:
+    results = {"scenario": "steady", "machine": machine(), "settings": vars(args).copy(), "cases": []}
+    for body_bytes in args.sizes:
+        for connections in args.connections:
+            with tempfile.TemporaryDirectory(prefix="wakegate-bench-") as tmpdir:
+                targets, procs = setup_targets(Path(tmpdir), body_bytes)
+                try:
+                    for t in targets:  # warm up pools and caches
+                        run_wrk(t.port, connections, 1)
+                    for rnd in range(args.rounds):
+                        order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
+                        for t in order:
+                            pid = worker_pid(t.proc) if t.proc else None
+                            before = cpu_seconds(pid) if pid else 0.0
+                            run = run_wrk(t.port, connections, args.duration)
+                            run["cpu_us_per_request"] = (
+                                (cpu_seconds(pid) - before) / run["requests"] * 1e6 if pid and run["requests"] else None
+                            )
+                            t.runs.append(run)
+                            print(
+                                f"  {body_bytes:>6} B  c={connections:<3} round {rnd + 1}/{args.rounds}  {t.name:<9}"
+                                f" {run['rps']:>9.0f} req/s  p50 {run['p50'] * 1e3:6.3f} ms  p99 {run['p99'] * 1e3:6.3f} ms",
+                                flush=True,
+                            )
+                finally:
+                    for p in procs:
+                        p.send_signal(signal.SIGTERM)
+                    for p in procs:
+                        try:
+                            p.wait(10)
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                case = {"body_bytes": body_bytes, "connections": connections, "targets": {}}
+                for t in targets:
+                    rps = [r["rps"] for r in t.runs]
+                    case["targets"][t.name] = {
+                        "rps": median(rps),
+                        "rps_min": min(rps),
+                        "rps_max": max(rps),
+                        "p50": median([r["p50"] for r in t.runs]),
+                        "p99": median([r["p99"] for r in t.runs]),
+                        "cpu_us_per_request": median([r["cpu_us_per_request"] for r in t.runs if r["cpu_us_per_request"]]),
+                        "errors": sum(r["errors"] for r in t.runs),
+                        "runs": t.runs,
+                    }
+                direct = case["targets"]["direct"]
+                for t in case["targets"].values():
+                    t["added_p50"] = t["p50"] - direct["p50"]
+                wg = case["targets"]["wakegate"]
+                case["wakegate_vs"] = {
+                    other: {"rps": wg["rps"] / case["targets"][other]["rps"], "p99": wg["p99"] / case["targets"][other]["p99"]}
+                    for other in ("nginx", "haproxy", "direct")
+                }
+                results["cases"].append(case)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"Machine: {results['machine']['cores']} cores, {results['machine']['cpu']}; parser: {results['machine']['parser']}; "
+        f"{results['settings']['rounds']} rounds x {results['settings']['duration']} s per target, medians. "
+        "Absolute numbers drift 10-20% between runs on shared hosts: compare the ratios.",
+        "",
+        "| body | conns | target | req/s (min-max) | p50 ms | p99 ms | added p50 ms | CPU µs/req | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case in results["cases"]:
+        for name, t in case["targets"].items():
+            cpu = f"{t['cpu_us_per_request']:.1f}" if t["cpu_us_per_request"] == t["cpu_us_per_request"] else "-"
+            lines.append(
+                f"| {case['body_bytes']} B | {case['connections']} | {name} | {t['rps']:.0f} ({t['rps_min']:.0f}-{t['rps_max']:.0f})"
+                f" | {t['p50'] * 1e3:.3f} | {t['p99'] * 1e3:.3f} | {t['added_p50'] * 1e3:.3f} | {cpu} | {t['errors']} |"
+            )
+    lines += ["", "| body | conns | wakegate/nginx req/s | wakegate/nginx p99 | wakegate/haproxy req/s | wakegate/haproxy p99 |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for case in results["cases"]:
+        v = case["wakegate_vs"]
+        lines.append(
+            f"| {case['body_bytes']} B | {case['connections']} | {v['nginx']['rps']:.2f}x | {v['nginx']['p99']:.2f}x"
+            f" | {v['haproxy']['rps']:.2f}x | {v['haproxy']['p99']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", nargs="?", default="steady", choices=["steady"])
+    parser.add_argument("--quick", action="store_true", help="a run of about a minute")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", default="1,50", help="comma-separated")
+    parser.add_argument("--sizes", default="2,65536", help="response body sizes in bytes, comma-separated")
+    args = parser.parse_args(argv)
+    args.connections = [int(c) for c in args.connections.split(",")]
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        args.duration, args.rounds, args.connections, args.sizes = 3, 2, [50], [2]
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("bench: needs two cores (one for the proxy, one for the load)")
+    ensure_tools()
+    results = steady(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{results['scenario']}-{stamp}.json"
+    path.write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (RESULTS / f"{results['scenario']}-{stamp}.md").write_text(table)
+    print()
+    print(table)
+    print(f"bench: wrote {path.relative_to(ROOT)} and the .md beside it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -112,6 +112,7 @@ def worker_pid(master: subprocess.Popen) -> int:
 
 def setup_targets(tmp: Path, body_bytes: int) -> tuple[list[Target], list[subprocess.Popen]]:
     procs = []
+    tmp.chmod(0o755)  # nginx workers run unprivileged and must read the payload
     backend_port = free_port()
     if body_bytes <= 1024:  # small: nginx's `return`, no file system work (as in DESIGN.md's runs)
         location = f'return 200 "{"o" * body_bytes}";'
@@ -377,6 +378,9 @@ def main(argv=None) -> int:
     (RESULTS / f"{results['scenario']}-{stamp}.md").write_text(table)
     print()
     print(table)
+    failed = [(c["body_bytes"], c["connections"], n) for c in results["cases"] for n, t in c["targets"].items() if t["errors"]]
+    if failed:
+        print(f"bench: WARNING: responses other than 2xx/3xx or socket errors in {failed}; those numbers are not comparable")
     print(f"bench: wrote {path.relative_to(ROOT)} and the .md beside it")
     return 0
 

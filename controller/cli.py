@@ -27,16 +27,24 @@ def _implementation() -> str:
     return "C extension" if IMPLEMENTATION == "c" else "pure Python"
 
 
-def build_router(config):
-    """The proxy's routing table for a validated config."""
+def build_router(config, controller=None):
+    """The proxy's routing table for a validated config; with a controller, routes carry the seam."""
     from proxy.routing import Router
     from proxy.server import ServiceRoute
     from proxy.upstream import UpstreamPool
 
-    routes = {
-        name: ServiceRoute(name, UpstreamPool(svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive))
-        for name, svc in config.services.items()
-    }
+    routes = {}
+    for name, svc in config.services.items():
+        no_wake = None
+        if svc.command and (svc.no_wake.paths or svc.no_wake.user_agents):
+            no_wake = (
+                tuple(p.encode() for p in svc.no_wake.paths),
+                tuple(a.encode() for a in svc.no_wake.user_agents),
+                svc.no_wake.status,
+            )
+        routes[name] = ServiceRoute(
+            name, UpstreamPool(svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive), no_wake=no_wake
+        )
     router = Router(routes.get(config.proxy.default_service) if config.proxy.default_service else None)
     for name, svc in config.services.items():
         if svc.hosts:
@@ -44,36 +52,28 @@ def build_router(config):
     return router, routes
 
 
-async def _admin_app(config):
-    from aiohttp import web
-
-    async def healthz(request):
-        return web.Response(text="ok\n")
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.admin.listen.host, config.admin.listen.port, reuse_address=True)
-    await site.start()
-    return runner
-
-
 async def serve(config) -> int:
     from proxy.server import ProxyServer
 
+    from .admin import start_admin
+    from .controller import Controller
+
     loop = asyncio.get_running_loop()
     router, routes = build_router(config)
+    controller = Controller(config, {name: route.pool for name, route in routes.items()})
+    for name, route in routes.items():
+        route.service = controller.services[name]
     server = ProxyServer(config.proxy, router, loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: a signal must never find us unprepared
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-        admin = await _admin_app(config)
+        admin = await start_admin(controller, config.admin)
     except OSError as exc:
         print(f"wakegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    controller.start()
     log.info(
         "wakegate %s listening on %s (admin %s), %d services, parser: %s",
         __version__,
@@ -89,6 +89,7 @@ async def serve(config) -> int:
         log.warning("drain: %d connections were still busy at the end of the grace period", cut)
     for route in routes.values():
         route.pool.close_idle()
+    await controller.close()  # stops every backend process: nothing is left behind
     await admin.cleanup()
     log.info("stopped")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ MAX_HEAD_SIZE = 16 * 1024  # h11 and node: 16 KiB
 MAX_BODY_SIZE = 0  # 0: no limit, as HAProxy (nginx has 1 MiB, too small for uploads)
 UPSTREAM_KEEPALIVE = 64  # idle upstream connections kept per service; nginx's keepalive example uses 32-64
 UNKNOWN_HOST_STATUSES = (404, 421)
+IDLE_TIMEOUT = 300.0  # idle time before a service with a command sleeps; Cloud Run keeps idle instances up to 15 min
+WAKE_TIMEOUT = 30.0  # held requests wait at most this for a wake; Knative's activator waits up to its 30 s probe timeout
+MAX_QUEUE = 10_000  # held requests per service; Knative activator's queue depth
+SLEEP_MODES = ("pause", "stop")
 
 
 class ConfigError(Exception):
@@ -64,6 +69,16 @@ class ProxySettings:
 @dataclass(frozen=True)
 class AdminSettings:
     listen: Address
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class NoWake:
+    """Requests that must not wake a sleeping service (uptime monitors, health checkers)."""
+
+    paths: tuple[str, ...] = ()
+    user_agents: tuple[str, ...] = ()
+    status: int = 503
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,15 @@ class ServiceConfig:
     hosts: tuple[str, ...]
     paths: tuple[str, ...]
     upstream: Address
+    command: tuple[str, ...] = ()  # empty: always up, a plain proxied upstream
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    sleep: str = "stop"
+    idle_timeout: float = IDLE_TIMEOUT
+    wake_timeout: float = WAKE_TIMEOUT
+    ready_path: str = "/"
+    max_queue: int = MAX_QUEUE
+    no_wake: NoWake = NoWake()
 
 
 @dataclass(frozen=True)
@@ -245,6 +269,65 @@ def _check_path(reader: _Reader, path: str) -> str:
     return path
 
 
+def _lifecycle(r: _Reader, path: str) -> dict:
+    """The keys that make a service sleep and wake."""
+    out: dict = {}
+    command = r.get("command")
+    if command is not None:
+        if isinstance(command, str) or not isinstance(command, list) or not command or not all(
+            isinstance(c, str) and c for c in command
+        ):
+            raise r.error("command", 'expected a non-empty list of strings, like ["python3", "app.py"]')
+        out["command"] = tuple(command)
+        cwd = r.get("cwd")
+        if cwd is not None:
+            if not isinstance(cwd, str):
+                raise r.error("cwd", f"expected a string, got {_kind(cwd)}")
+            cwd_path = Path(cwd) if Path(cwd).is_absolute() else Path(path).resolve().parent / cwd
+            if not cwd_path.is_dir():
+                raise r.error("cwd", f"{cwd!r} is not a directory")
+            out["cwd"] = str(cwd_path)
+        else:
+            out["cwd"] = str(Path(path).resolve().parent)  # relative paths mean: beside the config
+        exe = command[0]
+        base = Path(out.get("cwd") or Path(path).resolve().parent)
+        if "/" in exe:
+            if not (Path(exe) if Path(exe).is_absolute() else base / exe).exists():
+                raise r.error("command", f"{exe!r} does not exist")
+        elif shutil.which(exe) is None:
+            raise r.error("command", f"{exe!r} is not on PATH")
+        env = r.get("env")
+        if env is not None:
+            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+                raise r.error("env", 'expected a table of strings, like { PORT = "9001" }')
+            out["env"] = dict(env)
+        sleep = r.string("sleep", "stop")
+        if sleep not in SLEEP_MODES:
+            raise r.error("sleep", f'expected "pause" or "stop", got {sleep!r}')
+        out["sleep"] = sleep
+        out["idle_timeout"] = r.duration("idle_timeout", IDLE_TIMEOUT)
+        out["wake_timeout"] = r.duration("wake_timeout", WAKE_TIMEOUT)
+        out["max_queue"] = r.integer("max_queue", MAX_QUEUE, 1, 1_000_000)
+        ready_path = r.string("ready_path", "/")
+        if not ready_path.startswith("/") or not ready_path.isprintable() or " " in ready_path:
+            raise r.error("ready_path", f'expected a path like "/" or "/healthz", got {ready_path!r}')
+        out["ready_path"] = ready_path
+        w = r.sub("no_wake")
+        no_wake = NoWake(
+            paths=tuple(_check_path(w, p) for p in w.strings("paths")),
+            user_agents=tuple(w.strings("user_agents")),
+            status=w.integer("status", 503, 200, 599),
+        )
+        w.finish()
+        out["no_wake"] = no_wake
+    else:
+        for key in ("cwd", "env", "sleep", "idle_timeout", "wake_timeout", "max_queue", "ready_path", "no_wake"):
+            if r.has(key):
+                r.get(key)
+                raise r.error(key, "only applies to a service with a command (one wakegate can wake)")
+    return out
+
+
 def load(path: str | Path) -> Config:
     """Read and validate a config file."""
     path = str(path)
@@ -285,7 +368,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     p.finish()
 
     a = top.sub("admin")
-    admin = AdminSettings(listen=a.address("listen", DEFAULT_ADMIN_LISTEN))
+    admin = AdminSettings(listen=a.address("listen", DEFAULT_ADMIN_LISTEN), token=a.string("token", ""))
     a.finish()
 
     services: dict[str, ServiceConfig] = {}
@@ -300,6 +383,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         if not hosts and name != proxy.default_service:
             raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"]')
         upstream = r.address("upstream")
+        lifecycle = _lifecycle(r, path)
         r.finish()
         for host in hosts:
             for prefix in paths or ("",):
@@ -307,7 +391,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
                 if other != name:
                     where = f"{host}{prefix}"
                     raise r.error("hosts", f"{where!r} is already routed to service {other!r}")
-        services[name] = ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream)
+        services[name] = ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream, **lifecycle)
     s.used.update(s.table)
     top.finish()
 

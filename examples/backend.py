@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -174,7 +175,14 @@ async def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="backend")
+    parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds to wait before listening")
+    parser.add_argument("--term-delay", type=float, default=0.0, help="seconds between SIGTERM and exit")
     args = parser.parse_args()
+    if args.term_delay:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.call_later(args.term_delay, os._exit, 0))
+    if args.startup_delay:
+        await asyncio.sleep(args.startup_delay)
 
     async def on_client(reader, writer):
         await Handler(reader, writer, args.name).run()

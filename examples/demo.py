@@ -1,7 +1,8 @@
-"""``make run``: start the demo backends, then wakegate with config.example.toml.
+"""``make run``: start the always-up demo backend, then wakegate with config.example.toml.
 
-The backends (examples/backend.py) listen where config.example.toml expects
-them; Ctrl-C or SIGTERM stops wakegate (which drains) and then the backends.
+wakegate itself starts (and puts to sleep) the services that have a command;
+the always-up one (examples/backend.py) is started here. Ctrl-C or SIGTERM
+stops wakegate (which drains and stops its services) and then the backend.
 """
 
 import signal
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = [("hello", 9001), ("api", 9002)]
+BACKENDS = [("always", 9003)]
 
 
 def main() -> int:
@@ -28,8 +29,9 @@ def main() -> int:
             procs.append(p)
             print(f"demo: backend {name} on 127.0.0.1:{port}", flush=True)
         print(
-            "demo: try  curl -H 'Host: hello.localhost' http://127.0.0.1:8080/hello\n"
-            "           curl -H 'Host: hello.localhost' http://127.0.0.1:8080/api/headers",
+            "demo: try  curl -H 'Host: paused.localhost' http://127.0.0.1:8080/     (wakes a paused service)\n"
+            "           curl -H 'Host: stopped.localhost' http://127.0.0.1:8080/    (cold-starts a stopped one)\n"
+            "           curl http://127.0.0.1:9090/services                        (states, wakes, sleeps)",
             flush=True,
         )
         wakegate = subprocess.Popen(

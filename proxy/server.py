@@ -21,6 +21,8 @@ from .http11 import (
     parse_request,
     parse_response,
 )
+from controller.service import READY, Refused
+
 from .routing import Router
 from .upstream import UpstreamConnection, UpstreamPool
 
@@ -32,7 +34,7 @@ MAX_PENDING_BODY_BYTES = 64 * 1024  # request body held while the upstream conne
 TICK_MIN, TICK_MAX = 0.01, 0.5  # deadline sweep period bounds, seconds
 
 # Connection states
-S_HEAD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED = range(5)
+S_HEAD, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED = range(6)
 
 # Reasons reading from the client is paused (bits)
 P_UPSTREAM_FULL, P_PIPELINE_FULL, P_PENDING_FULL = 1, 2, 4
@@ -51,32 +53,52 @@ REASONS = {
     505: "HTTP Version Not Supported",
 }
 
-_error_cache: dict[tuple[int, bool, bool], bytes] = {}
+_error_cache: dict[tuple[int, bool, bool, int], bytes] = {}
 
 
-def error_response(status: int, keep_alive: bool = False, head_only: bool = False) -> bytes:
-    """A complete plain-text error response from wakegate itself."""
-    key = (status, keep_alive, head_only)
+def error_response(status: int, keep_alive: bool = False, head_only: bool = False, retry_after: float = 0) -> bytes:
+    """A complete plain-text response from wakegate itself (Retry-After in whole seconds, if any)."""
+    retry = max(1, int(retry_after + 0.999)) if retry_after else 0
+    key = (status, keep_alive, head_only, retry)
     cached = _error_cache.get(key)
     if cached is None:
         reason = REASONS.get(status, "Error")
         body = f"{status} {reason}\n".encode()
         head = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n" + ("" if keep_alive else "Connection: close\r\n") + "\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + (f"Retry-After: {retry}\r\n" if retry else "")
+            + ("" if keep_alive else "Connection: close\r\n")
+            + "\r\n"
         ).encode()
         cached = _error_cache[key] = head if head_only else head + body
     return cached
 
 
 class ServiceRoute:
-    """What a request is routed to: a service's name and its upstream pool."""
+    """What a request is routed to: a service's name, its upstream pool, its controller
+    Service (the acquire/release seam) and its no-wake rules."""
 
-    __slots__ = ("name", "pool")
+    __slots__ = ("name", "pool", "service", "no_wake")
 
-    def __init__(self, name: str, pool: UpstreamPool) -> None:
+    def __init__(self, name: str, pool: UpstreamPool, service=None, no_wake=None) -> None:
         self.name = name
         self.pool = pool
+        self.service = service
+        self.no_wake = no_wake  # (path prefixes, user-agent substrings, status) or None
+
+    def must_not_wake(self, head) -> bool:
+        """A request that only asks whether the service is up (monitors): never a reason to wake it."""
+        paths, agents, _status = self.no_wake
+        path = head.path
+        for prefix in paths:
+            if path.startswith(prefix):
+                return True
+        if agents:
+            for name, value in head.headers:
+                if name.lower() == b"user-agent":
+                    return any(agent in value for agent in agents)
+        return False
 
 
 class Limits:
@@ -183,6 +205,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.upstream: UpstreamConnection | None = None
+        self.lease = None  # the controller lease of the exchange under way
         self.connect_task: asyncio.Task | None = None
         self.retried = False
         self.resp = None
@@ -232,7 +255,7 @@ class ClientConnection(asyncio.Protocol):
             if self.upstream is not None and self.upstream.transport.can_write_eof():
                 self.upstream.transport.write_eof()
             return True
-        if state in (S_CONNECTING, S_EXCHANGE) and self.req_body_done:
+        if state in (S_HELD, S_CONNECTING, S_EXCHANGE) and self.req_body_done:
             self.client_eof = True  # it can still read the response under way; then we close
             return True
         return False
@@ -240,6 +263,10 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.state = S_CLOSED
         self.server.connections.discard(self)
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            lease.release()
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -362,11 +389,43 @@ class ClientConnection(asyncio.Protocol):
         self.up_head = build_request(head, self.client_addr)
         self.responded = False
         self.retried = False
-        conn = route.pool.take()
+        service = route.service
+        if service is not None:
+            if service.state is not READY and route.no_wake is not None and route.must_not_wake(head):
+                self.req = None
+                self._local_response(head, route.no_wake[2], retry_after=1)
+                return
+            try:
+                lease = service.acquire()  # the seam: no suspension when READY
+            except Refused as refused:
+                self.req = None
+                self._local_response(head, refused.status, retry_after=refused.retry_after)
+                return
+            self.lease = lease
+            if not lease.granted:
+                self.state = S_HELD  # the body (if any) is held in pending meanwhile
+                self.deadline = 0.0  # the controller answers for the wake deadline
+                lease.on_ready = self._lease_ready
+                return
+        self._go_upstream()
+
+    def _go_upstream(self) -> None:
+        conn = self.route.pool.take()
         if conn is not None:
             self._attach(conn)
         else:
             self._connect()
+
+    def _lease_ready(self, lease) -> None:
+        """The service woke (or could not): the held request goes on, or is answered."""
+        if self.state != S_HELD or lease is not self.lease:
+            lease.release()
+            return
+        if lease.refused is not None:
+            refused = lease.refused
+            self._upstream_error(refused.status, refused.reason, retry_after=refused.retry_after)
+            return
+        self._go_upstream()
 
     def _connect(self) -> None:
         self.state = S_CONNECTING
@@ -566,6 +625,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = S_TUNNEL
         self.resp = resp
         self.responded = True
+        if self.lease is not None:
+            self.lease.open_tunnel()  # an open tunnel keeps its service awake
         self.transport.write(build_response(resp, True, 1) + rest)
         if self.buf:
             self.upstream.transport.write(bytes(self.buf))
@@ -586,6 +647,10 @@ class ClientConnection(asyncio.Protocol):
         self.resp_scanner = None
         self.req = None
         self.route = None
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            lease.release()
         if not self.keep or self.server.draining or self.client_eof:
             self.close()
             return
@@ -631,7 +696,7 @@ class ClientConnection(asyncio.Protocol):
             self.upstream = None
         self._upstream_error(status, why)
 
-    def _upstream_error(self, status: int, why: str) -> None:
+    def _upstream_error(self, status: int, why: str, retry_after: float = 0) -> None:
         """Answer the current request with status, if nothing of its response was sent."""
         if self.upstream is not None:
             self.upstream.abort()
@@ -641,16 +706,16 @@ class ClientConnection(asyncio.Protocol):
             return
         req = self.req
         keep = req.keep_alive and self.req_body_done and not self.server.draining
-        self.transport.write(error_response(status, keep, req.is_head))
+        self.transport.write(error_response(status, keep, req.is_head, retry_after))
         self.responded = True
         self.resp = None
         self.keep = keep
         self._finish(False)
 
-    def _local_response(self, head, status: int) -> None:
-        """Answer a request wakegate can route nowhere, keeping the connection if its framing allows."""
+    def _local_response(self, head, status: int, retry_after: float = 0) -> None:
+        """Answer a request wakegate serves itself, keeping the connection if its framing allows."""
         keep = head.keep_alive and head.body_length == 0 and not self.server.draining
-        self.transport.write(error_response(status, keep, head.is_head))
+        self.transport.write(error_response(status, keep, head.is_head, retry_after))
         if not keep:
             self.close()
         else:
@@ -671,6 +736,8 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(408, "request head too slow")
             else:
                 self.close()  # idle keep-alive connection
+        elif state == S_HELD:
+            self._reject(408, "request body too slow while the service woke")
         elif state == S_CONNECTING:
             if self.connect_task is not None:
                 self.connect_task.cancel()
@@ -700,6 +767,10 @@ class ClientConnection(asyncio.Protocol):
             self.state = S_CLOSED
             self.deadline = 0.0
             self.transport.close()
+            lease = self.lease
+            if lease is not None:
+                self.lease = None
+                lease.release()
             if self.upstream is not None:
                 self.upstream.abort()
                 self.upstream = None

@@ -78,13 +78,13 @@ class Backend:
 class Wakegate:
     """``wakegate serve`` as a real process, with a config written for the test."""
 
-    def __init__(self, tmp: Path, config: str) -> None:
+    def __init__(self, tmp: Path, config: str, admin_extra: str = "") -> None:
         self.port = free_port()
         self.admin_port = free_port()
         self.config_path = tmp / f"wakegate-{self.port}.toml"
         self.config_path.write_text(
             f'[proxy]\nlisten = "127.0.0.1:{self.port}"\n' + config.replace("[proxy]\n", "")
-            + f'\n[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
+            + f'\n[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n{admin_extra}\n'
         )
         self.log_path = tmp / f"wakegate-{self.port}.log"
         self.log = open(self.log_path, "wb")
@@ -214,8 +214,8 @@ def start_wakegate(tmp_path_factory):
     """A factory: start_wakegate(config_text) -> a running Wakegate, stopped after the test."""
     started = []
 
-    def start(config: str) -> Wakegate:
-        w = Wakegate(tmp_path_factory.mktemp("wg"), config)
+    def start(config: str, admin_extra: str = "") -> Wakegate:
+        w = Wakegate(tmp_path_factory.mktemp("wg"), config, admin_extra)
         started.append(w)
         return w
 

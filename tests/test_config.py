@@ -92,6 +92,29 @@ BAD = [
     ('[services.x]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:1"\n', "services.ok.hosts", "already routed"),
     ('[services."bad name"]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\n', "services.bad name", "service names"),
     ("services = 3\n", "services", "expected a table"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = "app"\n', "services.x.command", "list of strings"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = []\n', "services.x.command", "non-empty"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["no-such-binary-here"]\n',
+     "services.x.command", "not on PATH"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["./missing.py"]\n',
+     "services.x.command", "does not exist"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\nsleep = "hibernate"\n',
+     "services.x.sleep", '"pause" or "stop"'),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\ncwd = "/no/such/dir"\n',
+     "services.x.cwd", "not a directory"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\nenv = { A = 1 }\n',
+     "services.x.env", "table of strings"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\nidle_timeout = "later"\n',
+     "services.x.idle_timeout", "duration"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\nready_path = "health"\n',
+     "services.x.ready_path", "path"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\nmax_queue = 0\n',
+     "services.x.max_queue", "between"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\n[services.x.no_wake]\nagents = []\n',
+     "services.x.no_wake.agents", "unknown key"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nsleep = "pause"\n', "services.x.sleep",
+     "only applies to a service with a command"),
+    ('[admin]\ntoken = 5\n', "admin.token", "expected a string"),
 ]
 
 MINIMAL = '[services.ok]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:9001"\n'
@@ -106,6 +129,18 @@ def test_bad_config_names_file_key_and_problem(tmp_path, text, key, words):
     message = str(info.value)
     assert message.startswith(f"{path}: {key}: "), message
     assert words in message
+
+
+def test_service_with_command(tmp_path):
+    text = GOOD + '[services.w]\nhosts = ["w.example"]\nupstream = "127.0.0.1:9003"\ncommand = ["sh", "-c", "true"]\n' \
+        'sleep = "pause"\nidle_timeout = "2m"\nenv = { A = "1" }\n[services.w.no_wake]\npaths = ["/healthz"]\n' \
+        'user_agents = ["kube-probe"]\nstatus = 204\n'
+    w = load(write(tmp_path, text)).services["w"]
+    assert w.command == ("sh", "-c", "true") and w.sleep == "pause" and w.idle_timeout == 120
+    assert w.cwd == str(tmp_path) and w.env == {"A": "1"}
+    assert (w.no_wake.paths, w.no_wake.user_agents, w.no_wake.status) == (("/healthz",), ("kube-probe",), 204)
+    assert w.max_queue == 10_000 and w.ready_path == "/"
+    assert load(write(tmp_path, GOOD)).services["app"].command == ()
 
 
 def test_no_services(tmp_path):

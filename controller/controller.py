@@ -1,0 +1,92 @@
+"""The control plane: one Service per configured service, and the tick that expires held requests.
+
+The proxy reaches it only through ``Service.acquire()`` / ``Lease.release()``;
+the admin API reads ``snapshot()`` and sends wake and sleep commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .backends import ProcessBackend
+from .service import READY, Service
+
+log = logging.getLogger("wakegate.controller")
+
+EXPIRE_TICK_MAX = 0.1  # how often held requests are checked against wake_timeout, at most
+
+
+class Controller:
+    def __init__(self, config, pools: dict) -> None:
+        """pools: service name -> the proxy's UpstreamPool for it."""
+        self.config = config
+        self.services: dict[str, Service] = {}
+        for name, svc in config.services.items():
+            backend = None
+            if svc.command:
+                backend = ProcessBackend(
+                    name,
+                    list(svc.command),
+                    cwd=svc.cwd,
+                    env=svc.env,
+                    mode=svc.sleep,
+                    host=svc.upstream.host,
+                    port=svc.upstream.port,
+                    ready_path=svc.ready_path,
+                    ready_timeout=svc.wake_timeout,
+                )
+            self.services[name] = Service(
+                name,
+                backend,
+                idle_timeout=svc.idle_timeout if svc.command else None,
+                wake_timeout=svc.wake_timeout,
+                max_queue=svc.max_queue,
+                pools=[pools[name]] if name in pools else [],
+            )
+        timeouts = [s.wake_timeout for s in self.services.values()] or [1.0]
+        self.tick = min(EXPIRE_TICK_MAX, min(timeouts) / 10)
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(self.tick, self._expire)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for service in self.services.values():
+            if service.queued:
+                service.expire_held(now)
+        self._ticker = asyncio.get_running_loop().call_later(self.tick, self._expire)
+
+    def snapshot(self) -> list[dict]:
+        out = []
+        for name, s in self.services.items():
+            backend = s.backend
+            out.append(
+                {
+                    "name": name,
+                    "state": s.state.value,
+                    "mode": backend.mode if backend else None,
+                    "in_flight": s.in_flight,
+                    "tunnels": s.tunnels,
+                    "queued": s.queued,
+                    "wakes": s.wakes,
+                    "sleeps": s.sleeps,
+                    "failures": s.failures,
+                    "last_wake_ms": None if s.last_wake_seconds is None else round(s.last_wake_seconds * 1e3, 3),
+                    "last_resume_ms": None if not backend or backend.last_resume_seconds is None
+                    else round(backend.last_resume_seconds * 1e3, 3),
+                    "last_ready_ms": None if not backend or backend.last_ready_seconds is None
+                    else round(backend.last_ready_seconds * 1e3, 3),
+                    "idle_seconds": round(time.monotonic() - s.idle_since, 3) if s.state is READY and not s.in_flight else 0,
+                    "pid": backend.proc.pid if backend and backend.running else None,
+                }
+            )
+        return out
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await asyncio.gather(*(s.close() for s in self.services.values()), return_exceptions=True)

@@ -1,0 +1,378 @@
+"""One service's life cycle (ASLEEP, WAKING, READY, SLEEPING, FAILED) and the seam to it.
+
+The request path calls ``acquire()`` and later ``lease.release()``; it only reads
+state. Every state change is made by the service's supervisor task, its single
+writer, which wakes the backend, probes readiness, releases held requests in
+arrival order, and puts the service to sleep when it has been idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import time
+from typing import Callable
+
+log = logging.getLogger("wakegate.controller")
+
+MAX_QUEUE = 10_000  # held requests per service; Knative activator's queue depth
+FAILED_BACKOFF_MIN = 1.0  # first backoff after a failed wake, seconds; doubles per failure
+FAILED_BACKOFF_MAX = 30.0  # ceiling of that backoff; Kubernetes' CrashLoopBackOff starts at 10 s, caps at 5 min
+SLEEP_DRAIN_TIMEOUT = 30.0  # a sleep waits this long for in-flight requests; Kubernetes' termination grace is 30 s
+SLEEP_DRAIN_POLL = 0.002  # how often that wait looks
+
+
+class State(enum.Enum):
+    ASLEEP = "asleep"
+    WAKING = "waking"
+    READY = "ready"
+    SLEEPING = "sleeping"
+    FAILED = "failed"
+
+
+ASLEEP, WAKING, READY, SLEEPING, FAILED = State.ASLEEP, State.WAKING, State.READY, State.SLEEPING, State.FAILED
+
+
+class Refused(Exception):
+    """A held request that will not be served: answer ``status`` with ``retry_after`` seconds."""
+
+    def __init__(self, status: int, reason: str, retry_after: float = 1.0) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+# Lease states
+L_HELD, L_GRANTED, L_REFUSED, L_RELEASED, L_CANCELLED = range(5)
+
+
+class Lease:
+    """One request's claim on a service: granted at once when READY, else held in its queue.
+
+    ``granted`` is true when the request may go upstream now. A held lease calls
+    ``on_ready(lease)`` later, once granted or refused (see ``refused``).
+    ``await lease`` works too. ``release()`` must be called exactly once, after
+    the response (or after a refusal, where it does nothing).
+    """
+
+    __slots__ = ("service", "status", "refused", "on_ready", "held_at", "granted_at", "tunnel")
+
+    def __init__(self, service: "Service", status: int) -> None:
+        self.service = service
+        self.status = status
+        self.refused: Refused | None = None
+        self.on_ready: Callable[["Lease"], None] | None = None
+        self.held_at = 0.0
+        self.granted_at = 0.0
+        self.tunnel = False
+
+    @property
+    def granted(self) -> bool:
+        return self.status == L_GRANTED
+
+    @property
+    def held(self) -> bool:
+        return self.status == L_HELD
+
+    def _grant(self) -> None:
+        self.status = L_GRANTED
+        self.granted_at = time.monotonic()
+        self.service.in_flight += 1
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    def _refuse(self, refused: Refused) -> None:
+        self.status = L_REFUSED
+        self.refused = refused
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    def release(self) -> None:
+        """The request is over. Held leases are withdrawn from the queue."""
+        status = self.status
+        if status == L_GRANTED:
+            self.status = L_RELEASED
+            service = self.service
+            service.in_flight -= 1
+            if self.tunnel:
+                service.tunnels -= 1
+            if service.in_flight == 0:
+                service.idle_since = time.monotonic()
+        elif status == L_HELD:
+            self.status = L_CANCELLED  # the queue skips it when releasing
+            self.service.queued -= 1
+
+    def open_tunnel(self) -> None:
+        """The request became an Upgrade tunnel: it keeps the service awake until released."""
+        if self.status == L_GRANTED and not self.tunnel:
+            self.tunnel = True
+            self.service.tunnels += 1
+
+    def __await__(self):
+        if self.status == L_HELD:
+            future = asyncio.get_running_loop().create_future()
+            self.on_ready = lambda lease: future.done() or future.set_result(None)
+            yield from future.__await__()
+        if self.status == L_REFUSED:
+            raise self.refused
+        return self
+
+
+class Service:
+    """A service's state, its held requests and its supervisor; the single writer of state."""
+
+    def __init__(self, name: str, backend, *, idle_timeout: float | None, wake_timeout: float,
+                 max_queue: int = MAX_QUEUE, pools=(), on_state: Callable | None = None) -> None:
+        self.name = name
+        self.backend = backend  # None: always up, nothing to wake
+        self.idle_timeout = idle_timeout
+        self.wake_timeout = wake_timeout
+        self.max_queue = max_queue
+        self.pools = list(pools)  # upstream pools to flush when the process goes away
+        self.on_state = on_state  # observer (metrics, logs); never writes state
+        self.state = READY if backend is None else ASLEEP
+        self.queue: collections.deque[Lease] = collections.deque()
+        self.queued = 0  # live leases in the queue (cancelled ones are skipped)
+        self.in_flight = 0
+        self.tunnels = 0
+        self.idle_since = time.monotonic()
+        self.wakes = 0
+        self.sleeps = 0
+        self.failures = 0
+        self.last_wake_seconds: float | None = None
+        self.failed_until = 0.0
+        self._backoff = FAILED_BACKOFF_MIN
+        self._commands: asyncio.Queue | None = None
+        self._kick: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    # ---- the seam (request path: reads state, never writes it) ----
+
+    def acquire(self) -> Lease:
+        """A granted lease when READY (no suspension), else a held one, or raise Refused."""
+        if self.state is READY:
+            lease = Lease(self, L_GRANTED)
+            self.in_flight += 1
+            return lease
+        if self.state is FAILED and time.monotonic() < self.failed_until:
+            raise Refused(503, "service failed to wake", self.failed_until - time.monotonic())
+        if self.queued >= self.max_queue:
+            raise Refused(503, "wake queue full", 1.0)
+        lease = Lease(self, L_HELD)
+        lease.held_at = time.monotonic()
+        self.queue.append(lease)
+        self.queued += 1
+        self._wake_supervisor()
+        return lease
+
+    # ---- commands from the admin API and the idle ticker ----
+
+    def request_wake(self) -> None:
+        self._command("wake")
+
+    def request_sleep(self, reason: str = "admin") -> None:
+        self._command("sleep:" + reason)
+
+    def _command(self, command: str) -> None:
+        if self.backend is None:
+            return
+        self._ensure_supervisor()
+        self._commands.put_nowait(command)
+        self._kick.set()
+
+    def _wake_supervisor(self) -> None:
+        self._ensure_supervisor()
+        self._kick.set()
+
+    def _ensure_supervisor(self) -> None:
+        if self._task is None or self._task.done():
+            if self._kick is None:
+                self._kick = asyncio.Event()
+                self._commands = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"service-{self.name}")
+
+    # ---- the single writer ----
+
+    def _set(self, state: State) -> None:
+        old, self.state = self.state, state
+        log.info("service %s: %s -> %s", self.name, old.value, state.value)
+        if self.on_state is not None:
+            self.on_state(self, old, state)
+
+    async def _supervise(self) -> None:
+        try:
+            while not self._closing:
+                state = self.state
+                if state is ASLEEP:
+                    if not self.queued and not self._take_command("wake"):
+                        if not await self._wait(None):
+                            return  # nothing to do: the task ends; acquire() starts another
+                        continue
+                    await self._do_wake()
+                elif state is READY:
+                    reason = await self._wait_while_ready()
+                    if reason:
+                        await self._do_sleep(reason)
+                elif state is FAILED:
+                    delay = self.failed_until - time.monotonic()
+                    if delay > 0:
+                        await self._wait(delay)
+                        continue
+                    self._set(ASLEEP)
+                else:  # WAKING or SLEEPING are only ever held inside _do_wake / _do_sleep
+                    raise AssertionError(f"supervisor found {state}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("service %s: supervisor failed", self.name)
+            self._fail_queue(Refused(503, "internal error while waking", 1.0))
+
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait for a kick (True) or the timeout (False)."""
+        self._kick.clear()
+        if self.queued or not self._commands.empty():
+            return True
+        try:
+            await asyncio.wait_for(self._kick.wait(), timeout if timeout is not None else None)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _take_command(self, wanted: str) -> bool:
+        """Drop queued commands; report whether one starting with wanted was among them."""
+        found = False
+        while not self._commands.empty():
+            if self._commands.get_nowait().startswith(wanted):
+                found = True
+        return found
+
+    async def _wait_while_ready(self) -> str | None:
+        """Stay READY until idle long enough, told to sleep, or the backend exits."""
+        exited = self.backend.exited()
+        try:
+            while True:
+                while not self._commands.empty():
+                    command = self._commands.get_nowait()
+                    if command.startswith("sleep:"):
+                        return command[6:]
+                if exited.done():
+                    return "exited"
+                if self.idle_timeout is None or self.in_flight:
+                    timeout = None if self.idle_timeout is None else self.idle_timeout
+                else:
+                    timeout = self.idle_since + self.idle_timeout - time.monotonic()
+                    if timeout <= 0:
+                        return "idle"
+                self._kick.clear()
+                kick = asyncio.ensure_future(self._kick.wait())
+                done, _ = await asyncio.wait({kick, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if kick not in done:
+                    kick.cancel()
+        finally:
+            pass
+
+    async def _do_wake(self) -> None:
+        self._take_command("wake")
+        self._set(WAKING)
+        started = time.monotonic()
+        deadline = started + self.wake_timeout
+        try:
+            await asyncio.wait_for(self.backend.wake(deadline), self.wake_timeout)
+        except asyncio.TimeoutError:
+            self._wake_failed(504, "wake timed out", started)
+            return
+        except Exception as exc:
+            log.warning("service %s: wake failed: %s", self.name, exc)
+            self._wake_failed(503, f"wake failed: {exc}", started)
+            return
+        self.last_wake_seconds = time.monotonic() - started
+        self.wakes += 1
+        self._backoff = FAILED_BACKOFF_MIN
+        self.idle_since = time.monotonic()
+        self._set(READY)
+        self._release_queue()
+
+    def _wake_failed(self, status: int, reason: str, started: float) -> None:
+        self.failures += 1
+        self.failed_until = time.monotonic() + self._backoff
+        retry_after = self._backoff
+        self._backoff = min(self._backoff * 2, FAILED_BACKOFF_MAX)
+        self._set(FAILED)
+        self._fail_queue(Refused(status, reason, retry_after))
+        asyncio.get_running_loop().create_task(self._stop_quietly())
+
+    async def _stop_quietly(self) -> None:
+        try:
+            await self.backend.stop()
+        except Exception as exc:  # pragma: no cover - best effort after a failure
+            log.warning("service %s: cleanup after failed wake: %s", self.name, exc)
+
+    async def _do_sleep(self, reason: str) -> None:
+        self._set(SLEEPING)  # from here new requests are held; the ones in flight finish first
+        mode = self.backend.mode
+        if reason != "exited" and self.in_flight:
+            deadline = time.monotonic() + SLEEP_DRAIN_TIMEOUT
+            while self.in_flight and time.monotonic() < deadline and not self.backend.exited().done():
+                await asyncio.sleep(SLEEP_DRAIN_POLL)
+            if self.in_flight:
+                log.warning("service %s: sleeping with %d requests still in flight", self.name, self.in_flight)
+        try:
+            if reason == "exited":
+                log.warning("service %s: backend exited on its own", self.name)
+                await self.backend.stop()
+            else:
+                await self.backend.sleep()
+        except Exception as exc:
+            log.warning("service %s: sleep failed (%s); stopping it", self.name, exc)
+            await self._stop_quietly()
+        if reason == "exited" or mode == "stop" or not self.backend.keeps_connections:
+            for pool in self.pools:
+                pool.close_idle()
+        self.sleeps += 1
+        self.last_sleep_reason = reason
+        self._set(ASLEEP)
+        # Requests that arrived while SLEEPING are in the queue: the loop wakes at once.
+
+    def _release_queue(self) -> None:
+        """Grant held leases in arrival order."""
+        queue = self.queue
+        while queue:
+            lease = queue.popleft()
+            if lease.status == L_HELD:
+                self.queued -= 1
+                lease._grant()
+
+    def _fail_queue(self, refused: Refused) -> None:
+        queue = self.queue
+        while queue:
+            lease = queue.popleft()
+            if lease.status == L_HELD:
+                self.queued -= 1
+                lease._refuse(refused)
+
+    def expire_held(self, now: float) -> None:
+        """Refuse held leases older than wake_timeout (called by the controller's ticker)."""
+        queue = self.queue
+        limit = now - self.wake_timeout
+        while queue and (queue[0].status != L_HELD or queue[0].held_at <= limit):
+            lease = queue.popleft()
+            if lease.status == L_HELD:
+                self.queued -= 1
+                lease._refuse(Refused(504, "wake timed out", 1.0))
+
+    async def close(self) -> None:
+        """Stop the supervisor and the backend (wakegate is exiting)."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._fail_queue(Refused(503, "wakegate is shutting down", 1.0))
+        if self.backend is not None:
+            await self.backend.stop()

@@ -327,6 +327,29 @@ def steady(args) -> dict:
 
 
 def markdown(results: dict) -> str:
+    if results["scenario"] == "wake":
+        lines = ["| mode | awake p50 ms | first request p50 ms (p99) | added p50 ms | backend resume/start p50 ms |"
+                 " readiness p50 ms | wakegate p50 ms | process start-up p50 ms | added over start-up p50 ms |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for m in results["modes"]:
+            if "added_over_startup" in m:
+                startup = f"{m['process_startup']['p50']:.1f} | {m['added_over_startup']['p50']:.1f}"
+            else:
+                startup = "- | -"
+            lines.append(
+                f"| {m['mode']} | {m['awake']['p50']:.3f} | {m['first_request']['p50']:.3f} ({m['first_request']['p99']:.3f})"
+                f" | {m['added_over_awake']['p50']:.3f} | {m['backend_resume']['p50']:.3f} | {m['readiness_wait']['p50']:.3f}"
+                f" | {m['wakegate_overhead']['p50']:.3f} | {startup} |"
+            )
+        return "\n".join(lines) + "\n"
+    if results["scenario"] == "burst":
+        b = results["burst"]
+        return (
+            "| requests | 200s | errors | wakes | seconds until all answered | wakegate peak RSS MiB |\n"
+            "| --- | --- | --- | --- | --- | --- |\n"
+            f"| {b['requests']} | {b['ok']} | {b['errors']} | {b['wakes']} | {b['seconds_until_all_answered']:.2f}"
+            f" | {b['peak_rss_mib']:.1f} |\n"
+        )
     lines = [
         f"Machine: {results['machine']['cores']} cores, {results['machine']['cpu']}; parser: {results['machine']['parser']}; "
         f"{results['settings']['rounds']} rounds x {results['settings']['duration']} s per target, medians. "
@@ -355,7 +378,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", nargs="?", default="steady", choices=["steady"])
+    parser.add_argument("scenario", nargs="?", default="steady", choices=["steady", "wake", "burst"])
+    parser.add_argument("--cycles", type=int, default=40, help="wake: sleep/wake cycles per mode")
+    parser.add_argument("--burst", type=int, default=10000, help="burst: concurrent first requests")
     parser.add_argument("--quick", action="store_true", help="a run of about a minute")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
@@ -366,10 +391,20 @@ def main(argv=None) -> int:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         args.duration, args.rounds, args.connections, args.sizes = 3, 2, [50], [2]
-    if (os.cpu_count() or 1) < 2:
-        sys.exit("bench: needs two cores (one for the proxy, one for the load)")
-    ensure_tools()
-    results = steady(args)
+        args.cycles, args.burst = 10, 1000
+    if args.scenario == "steady":
+        if (os.cpu_count() or 1) < 2:
+            sys.exit("bench: needs two cores (one for the proxy, one for the load)")
+        ensure_tools()
+        results = steady(args)
+    else:
+        from . import wake
+
+        results = {"scenario": args.scenario, "machine": machine(), "settings": vars(args).copy()}
+        if args.scenario == "wake":
+            results["modes"] = [wake.wake_mode(mode, args.cycles, progress=print) for mode in ("pause", "stop")]
+        else:
+            results["burst"] = wake.burst(args.burst)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{results['scenario']}-{stamp}.json"
@@ -378,7 +413,8 @@ def main(argv=None) -> int:
     (RESULTS / f"{results['scenario']}-{stamp}.md").write_text(table)
     print()
     print(table)
-    failed = [(c["body_bytes"], c["connections"], n) for c in results["cases"] for n, t in c["targets"].items() if t["errors"]]
+    failed = [(c["body_bytes"], c["connections"], n) for c in results.get("cases", []) for n, t in c["targets"].items()
+              if t["errors"]]
     if failed:
         print(f"bench: WARNING: responses other than 2xx/3xx or socket errors in {failed}; those numbers are not comparable")
     print(f"bench: wrote {path.relative_to(ROOT)} and the .md beside it")

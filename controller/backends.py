@@ -12,10 +12,11 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-from .readiness import probe_until_ready
+from .readiness import ATTEMPT_FIRST, probe_pooled, probe_until_ready
 
 log = logging.getLogger("wakegate.backend")
 
@@ -23,6 +24,7 @@ STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this; Docker's stop timeout is 1
 FREEZE_POLL = 0.0005  # cgroup v1 reports FREEZING until every task is stopped; poll this often
 FREEZE_TIMEOUT = 2.0  # a freeze that takes longer is given up, and the process is stopped instead
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+EXIT_POLL = 0.05  # without pidfd_open, how often a child is checked for exit
 
 
 class Freezer:
@@ -175,7 +177,8 @@ class ProcessBackend:
         self.ready_timeout = ready_timeout
         self.keeps_connections = mode == "pause"
         self.freezer = freezer if freezer is not None else (choose_freezer(name) if mode == "pause" else SignalFreezer())
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen | None = None
+        self.pools: list = []  # the proxy's pools for this address: a thawed process is probed over one
         self.frozen = False
         self._exited: asyncio.Future | None = None
         self.last_resume_seconds: float | None = None  # backend's own part of the last wake
@@ -193,41 +196,84 @@ class ProcessBackend:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.proc is not None and self.proc.poll() is None
 
     async def wake(self, deadline: float) -> None:
         started = time.monotonic()
+        thawed = False
         if self.running and self.frozen:
             await self.freezer.thaw()
             self.frozen = False
+            thawed = True
         elif not self.running:
             await self._start()
         resumed = time.monotonic()
         self.last_resume_seconds = resumed - started
-        await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited())
+        if not (thawed and await self._probe_pooled()):
+            await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited())
         self.last_ready_seconds = time.monotonic() - resumed
+
+    async def _probe_pooled(self) -> bool:
+        """A thawed process still holds our keep-alive connections: probe over one of them."""
+        for pool in self.pools:
+            try:
+                status = await probe_pooled(pool, f"{self.host}:{self.port}", self.ready_path, ATTEMPT_FIRST)
+            except (OSError, TimeoutError, asyncio.TimeoutError, Exception):
+                return False
+            if status is not None:
+                return status < 500
+        return False
 
     async def _start(self) -> None:
         env = None
         if self.env is not None:
             env = {**os.environ, **self.env}
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.command, cwd=self.cwd, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
-        )
+        # subprocess.Popen spawns with vfork: a few milliseconds less than forking all of wakegate,
+        # which is what a cold start's first request waits for.
+        try:
+            self.proc = proc = subprocess.Popen(
+                self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {self.command[0]!r}: {exc.strerror or exc}") from None
         self.frozen = False
-        self._exited = asyncio.get_running_loop().create_future()
-        self.freezer.adopt(self.proc.pid) if self.mode == "pause" else None
-        asyncio.get_running_loop().create_task(self._watch(self.proc, self._exited))
-        log.info("service %s: started pid %d: %s", self.name, self.proc.pid, " ".join(self.command))
+        loop = asyncio.get_running_loop()
+        self._exited = exited = loop.create_future()
+        if self.mode == "pause":
+            self.freezer.adopt(proc.pid)
+        self._watch(proc, exited, loop)
+        log.info("service %s: started pid %d: %s", self.name, proc.pid, " ".join(self.command))
 
-    async def _watch(self, proc, exited: asyncio.Future) -> None:
-        code = await proc.wait()
-        if not exited.done():
-            exited.set_result(code)
-        if self.proc is proc:
-            self.frozen = False
-            if self.mode == "pause":
-                self.freezer.remove()
+    def _watch(self, proc: subprocess.Popen, exited: asyncio.Future, loop) -> None:
+        """Resolve exited when proc exits: a pidfd becomes readable then (Linux 5.3+), else poll."""
+
+        def reap() -> bool:
+            if proc.poll() is None:
+                return False
+            if not exited.done():
+                exited.set_result(proc.returncode)
+            if self.proc is proc:
+                self.frozen = False
+                if self.mode == "pause":
+                    self.freezer.remove()
+            return True
+
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            async def poll() -> None:
+                while not reap():
+                    await asyncio.sleep(EXIT_POLL)
+
+            loop.create_task(poll())
+            return
+
+        def readable() -> None:
+            if reap():
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+
+        loop.add_reader(pidfd, readable)
 
     async def sleep(self) -> None:
         if not self.running:
@@ -241,7 +287,7 @@ class ProcessBackend:
     async def stop(self) -> None:
         """Terminate the process group: SIGTERM, then SIGKILL after STOP_GRACE."""
         proc = self.proc
-        if proc is None or proc.returncode is not None:
+        if proc is None or proc.poll() is not None:
             return
         pgid = proc.pid
         try:
@@ -253,15 +299,16 @@ class ProcessBackend:
                 os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
             return
+        exited = self.exited()
         try:
-            await asyncio.wait_for(proc.wait(), STOP_GRACE)
+            await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE)
         except asyncio.TimeoutError:
             log.warning("service %s: pid %d ignored SIGTERM for %.0fs; killing", self.name, pgid, STOP_GRACE)
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            await proc.wait()
+            await exited
         try:  # stragglers left in the group
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -43,7 +43,10 @@ def build_router(config, controller=None):
                 svc.no_wake.status,
             )
         routes[name] = ServiceRoute(
-            name, UpstreamPool(svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive), no_wake=no_wake
+            name, UpstreamPool(
+                svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive,
+                config.proxy.upstream_max_connections,
+            ), no_wake=no_wake
         )
     router = Router(routes.get(config.proxy.default_service) if config.proxy.default_service else None)
     for name, svc in config.services.items():

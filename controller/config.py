@@ -28,6 +28,8 @@ DRAIN_TIMEOUT = 30.0  # grace for in-flight requests on SIGTERM; Kubernetes' def
 MAX_HEAD_SIZE = 16 * 1024  # h11 and node: 16 KiB
 MAX_BODY_SIZE = 0  # 0: no limit, as HAProxy (nginx has 1 MiB, too small for uploads)
 UPSTREAM_KEEPALIVE = 64  # idle upstream connections kept per service; nginx's keepalive example uses 32-64
+UPSTREAM_MAX_CONNECTIONS = 1024  # open upstream connections per service, like nginx max_conns; a burst of
+# 10,000 released requests queues here instead of opening 10,000 sockets against one service
 UNKNOWN_HOST_STATUSES = (404, 421)
 IDLE_TIMEOUT = 300.0  # idle time before a service with a command sleeps; Cloud Run keeps idle instances up to 15 min
 WAKE_TIMEOUT = 30.0  # held requests wait at most this for a wake; Knative's activator waits up to its 30 s probe timeout
@@ -62,6 +64,7 @@ class ProxySettings:
     max_head_size: int = MAX_HEAD_SIZE
     max_body_size: int = MAX_BODY_SIZE
     upstream_keepalive: int = UPSTREAM_KEEPALIVE
+    upstream_max_connections: int = UPSTREAM_MAX_CONNECTIONS
     default_service: str = ""
     unknown_host_status: int = 404
 
@@ -360,6 +363,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         max_head_size=p.size("max_head_size", MAX_HEAD_SIZE, minimum=256),
         max_body_size=p.size("max_body_size", MAX_BODY_SIZE),
         upstream_keepalive=p.integer("upstream_keepalive", UPSTREAM_KEEPALIVE, 0, 100_000),
+        upstream_max_connections=p.integer("upstream_max_connections", UPSTREAM_MAX_CONNECTIONS, 0, 1_000_000),
         default_service=p.string("default_service", ""),
         unknown_host_status=p.integer("unknown_host_status", 404, 400, 599),
     )

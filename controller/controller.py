@@ -37,6 +37,8 @@ class Controller:
                     ready_path=svc.ready_path,
                     ready_timeout=svc.wake_timeout,
                 )
+                if name in pools:
+                    backend.pools = [pools[name]]
             self.services[name] = Service(
                 name,
                 backend,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.http11 import ProtocolError, parse_response
+from proxy.http11 import CHUNKED, UNTIL_CLOSE, ChunkedScanner, ProtocolError, parse_response
 
 RETRY_FIRST = 0.001  # first pause between attempts, seconds
-RETRY_MAX = 0.05  # pauses double up to this
+RETRY_MAX = 0.004  # pauses double up to this: a ready service waits at most ~4 ms for us to notice
 ATTEMPT_FIRST = 0.1  # first per-attempt timeout: a stalled connect is abandoned quickly
 ATTEMPT_MAX = 1.0  # per-attempt timeouts grow by half up to this
 MAX_PROBE_HEAD = 16 * 1024
@@ -80,6 +80,86 @@ async def probe_once(host: str, port: int, path: str, timeout: float) -> int:
     finally:
         if transport is not None:
             transport.close()
+
+
+class _PooledProbe:
+    """Owns a pooled upstream connection for one probe (the proxy's exchange interface)."""
+
+    def __init__(self, conn, result: asyncio.Future) -> None:
+        self.conn = conn
+        self.result = result
+        self.buf = b""
+        self.head = None
+        self.left = 0
+        self.scanner = None
+
+    def upstream_data(self, data: bytes) -> None:
+        try:
+            if self.head is None:
+                self.buf += data
+                head = parse_response(self.buf, 0, MAX_PROBE_HEAD)
+                if head is None:
+                    return
+                self.head = head
+                data = self.buf[head.length :]
+                if head.body_length == CHUNKED:
+                    self.scanner = ChunkedScanner()
+                elif head.body_length == UNTIL_CLOSE:
+                    self._finish(reuse=False)
+                    return
+                else:
+                    self.left = head.body_length
+            if self.scanner is not None:
+                self.scanner.feed(data)
+                if self.scanner.done:
+                    self._finish(reuse=True)
+            else:
+                self.left -= len(data)
+                if self.left <= 0:
+                    self._finish(reuse=self.left == 0 and self.head.keep_alive)
+        except ProtocolError as exc:
+            self.conn.abort()
+            self._settle(exc)
+
+    def _finish(self, reuse: bool) -> None:
+        conn = self.conn
+        if reuse and self.head.keep_alive:
+            conn.pool.give_back(conn)
+        else:
+            conn.close()
+        self._settle(self.head.status)
+
+    def _settle(self, outcome) -> None:
+        if not self.result.done():
+            if isinstance(outcome, BaseException):
+                self.result.set_exception(outcome)
+            else:
+                self.result.set_result(outcome)
+
+    def upstream_lost(self, conn) -> None:
+        self._settle(ConnectionError("closed before answering"))
+
+    def upstream_pause_writing(self) -> None:
+        pass
+
+    def upstream_resume_writing(self) -> None:
+        pass
+
+
+async def probe_pooled(pool, host: str, path: str, timeout: float) -> int | None:
+    """Probe over an idle pooled connection (no handshake, no accept); None if there is none."""
+    conn = pool.take()
+    if conn is None:
+        return None
+    result = asyncio.get_running_loop().create_future()
+    conn.owner = _PooledProbe(conn, result)
+    conn.transport.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: wakegate-ready\r\n\r\n".encode())
+    try:
+        async with asyncio.timeout(timeout):
+            return await result
+    except BaseException:
+        conn.abort()
+        raise
 
 
 async def probe_until_ready(host: str, port: int, path: str, deadline: float, exited: asyncio.Future | None = None) -> int:

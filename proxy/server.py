@@ -207,6 +207,8 @@ class ClientConnection(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None
         self.lease = None  # the controller lease of the exchange under way
         self.connect_task: asyncio.Task | None = None
+        self._pool_of_task: dict = {}  # connect task -> the pool it reserved a slot in
+        self.waiting_for_pool = False
         self.retried = False
         self.resp = None
         self.rbuf = bytearray()
@@ -262,6 +264,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.state = S_CLOSED
+        self.waiting_for_pool = False
         self.server.connections.discard(self)
         lease = self.lease
         if lease is not None:
@@ -410,7 +413,22 @@ class ClientConnection(asyncio.Protocol):
         self._go_upstream()
 
     def _go_upstream(self) -> None:
-        conn = self.route.pool.take()
+        pool = self.route.pool
+        conn = pool.take()
+        if conn is not None:
+            self._attach(conn)
+        elif pool.can_connect():
+            pool.reserve()
+            self._connect()
+        else:  # at the service's connection limit: wait for one, in arrival order
+            self.state = S_CONNECTING
+            self.waiting_for_pool = True
+            self.deadline = self.loop.time() + self.limits.upstream_timeout
+            pool.wait(self)
+
+    def pool_ready(self, conn) -> None:
+        """The pool's answer to wait(): a free connection, or a reserved slot to connect with."""
+        self.waiting_for_pool = False
         if conn is not None:
             self._attach(conn)
         else:
@@ -428,14 +446,21 @@ class ClientConnection(asyncio.Protocol):
         self._go_upstream()
 
     def _connect(self) -> None:
+        """Open a connection for a slot already reserved in the pool."""
         self.state = S_CONNECTING
         self.deadline = self.loop.time() + self.limits.connect_timeout
-        self.connect_task = task = self.loop.create_task(self.route.pool.connect())
+        pool = self.route.pool
+        self.connect_task = task = self.loop.create_task(pool.connect())
+        self._pool_of_task[task] = pool
         task.add_done_callback(self._connected)
 
     def _connected(self, task: asyncio.Task) -> None:
-        if task.cancelled():
-            return
+        if task.cancelled() or task.exception() is not None:
+            self._pool_of_task.pop(task).unreserve()
+            if task.cancelled():
+                return
+        else:
+            self._pool_of_task.pop(task).adopt(task.result())
         exc = task.exception()
         if self.connect_task is not task or self.state != S_CONNECTING:
             if exc is None:  # connected just as the client left: keep it for the next one
@@ -682,7 +707,7 @@ class ClientConnection(asyncio.Protocol):
         if conn.reused and not self.retried and not self.rbuf and self.req.body_length == 0:
             # A pooled connection the service had already closed: try once on a fresh one.
             self.retried = True
-            self._connect()
+            self._go_upstream()
             return
         self._upstream_error(502, "upstream closed the connection")
 
@@ -742,6 +767,7 @@ class ClientConnection(asyncio.Protocol):
             if self.connect_task is not None:
                 self.connect_task.cancel()
                 self.connect_task = None
+            self.waiting_for_pool = False
             self._upstream_error(504, "upstream connect timed out")
         elif state == S_EXCHANGE:
             if self.write_paused and self.responded:
@@ -766,6 +792,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state != S_CLOSED:
             self.state = S_CLOSED
             self.deadline = 0.0
+            self.waiting_for_pool = False
             self.transport.close()
             lease = self.lease
             if lease is not None:

@@ -8,6 +8,7 @@ the client exchange that currently owns it, and nothing else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 
 
@@ -45,6 +46,7 @@ class UpstreamConnection(asyncio.Protocol):
         return False  # close our side too; a half-closed upstream is of no use
 
     def connection_lost(self, exc) -> None:
+        already = self.closed
         self.closed = True
         owner = self.owner
         if owner is not None:
@@ -52,6 +54,8 @@ class UpstreamConnection(asyncio.Protocol):
             owner.upstream_lost(self)
         else:
             self.pool.discard(self)
+        if not already:
+            self.pool.forget(self)
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -78,6 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner = None
             self.transport.close()
             self.pool.discard(self)
+            self.pool.forget(self)
 
     def abort(self) -> None:
         """Drop at once (a request was cut short); the service sees a reset."""
@@ -86,17 +91,24 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner = None
             self.transport.abort()
             self.pool.discard(self)
+            self.pool.forget(self)
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to one address, at most ``max_idle`` of them."""
+    """Connections to one address: at most ``max_idle`` idle ones kept, at most
+    ``max_connections`` open at once (0: no limit); beyond that, exchanges wait
+    in arrival order for one to come back."""
 
-    def __init__(self, host: str, port: int, max_idle: int) -> None:
+    def __init__(self, host: str, port: int, max_idle: int, max_connections: int = 0) -> None:
         self.host = host
         self.port = port
         self.max_idle = max_idle
+        self.max_connections = max_connections
         self.idle: list[UpstreamConnection] = []
         self.opened = 0  # connections made, for tests and metrics
+        self.open = 0  # connections open or being opened
+        self.live: set[UpstreamConnection] = set()
+        self.waiters: collections.deque = collections.deque()  # exchanges waiting for a connection
 
     def take(self) -> UpstreamConnection | None:
         """An idle connection to reuse, or None."""
@@ -108,11 +120,34 @@ class UpstreamPool:
                 return conn
         return None
 
+    def can_connect(self) -> bool:
+        return not self.max_connections or self.open < self.max_connections
+
+    def wait(self, exchange) -> None:
+        """Queue an exchange; it gets ``pool_ready(conn)`` (a connection, or None: connect now)."""
+        self.waiters.append(exchange)
+
+    def _next_waiter(self):
+        waiters = self.waiters
+        while waiters:
+            exchange = waiters.popleft()
+            if exchange.waiting_for_pool:
+                return exchange
+        return None
+
     def give_back(self, conn: UpstreamConnection) -> None:
         """Return a connection whose last response ended cleanly."""
         conn.owner = None
         if conn.closed:
             return
+        if self.waiters:
+            exchange = self._next_waiter()
+            if exchange is not None:
+                conn.reused = True
+                if conn.reading_paused:
+                    conn.resume_reading()
+                exchange.pool_ready(conn)
+                return
         if len(self.idle) >= self.max_idle:
             conn.close()
             return
@@ -120,11 +155,43 @@ class UpstreamPool:
             conn.resume_reading()  # an idle connection must notice the service closing it
         self.idle.append(conn)
 
+    def reserve(self) -> None:
+        """Count a connection about to be opened (before its task even starts)."""
+        self.open += 1
+
+    def unreserve(self) -> None:
+        """A reserved connection never opened (refused, timed out, cancelled)."""
+        self.open -= 1
+        self._admit_waiter()
+
+    def adopt(self, conn: UpstreamConnection) -> None:
+        """A reserved connection is open."""
+        self.opened += 1
+        if conn.closed:  # lost before we even saw it
+            self.unreserve()
+        else:
+            self.live.add(conn)
+
     async def connect(self) -> UpstreamConnection:
+        """Open one connection; call reserve() first and adopt() or unreserve() after."""
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
-        self.opened += 1
         return conn
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """conn is closing: its place may go to a waiting exchange."""
+        if conn in self.live:
+            self.live.discard(conn)
+            self.open -= 1
+            self._admit_waiter()
+
+    def _admit_waiter(self) -> None:
+        while self.waiters and self.can_connect():
+            exchange = self._next_waiter()
+            if exchange is None:
+                return
+            self.reserve()
+            exchange.pool_ready(None)
 
     def discard(self, conn: UpstreamConnection) -> None:
         try:

@@ -96,6 +96,7 @@ class Wakegate:
         )
         self.proc.stderr = open(self.log_path, "rb")
         wait_for_port(self.port, self.proc)
+        wait_for_port(self.admin_port, self.proc)  # listening after the proxy
 
     def rss_kib(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

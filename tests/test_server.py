@@ -383,3 +383,23 @@ def test_sigterm_cuts_off_after_the_grace_period(backend, start_wakegate):
     assert w.proc.wait(10) == 0
     assert time.monotonic() - started < 3
     assert busy.is_closed()
+
+
+def test_upstream_connection_limit_queues_requests(backend, start_wakegate):
+    w = start_wakegate(config_for(backend.port, "upstream_max_connections = 2\nupstream_timeout = \"10s\""))
+    results = []
+
+    def one():
+        c = Client(w.port)
+        results.append((c.request(get("/slow?delay=0.2")).status, c.request(get("/conn")).body))
+        c.close()
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [status for status, _ in results] == [200] * 12
+    assert len({port for _, port in results}) <= 2  # never more than two upstream connections
+    assert time.monotonic() - started >= 1.0  # 12 slow requests, two at a time

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-c test-python setup build system-deps bench-parse bench clean
+.PHONY: run test test-c test-python setup build system-deps test-deps bench-parse bench clean
 
 # Debian packages the build needs: venv, a compiler and the Python headers.
 system-deps:
@@ -31,8 +31,15 @@ build: $(STAMP)
 run: setup
 	$(PY) examples/demo.py
 
+# Debian packages the tests use for real: prometheus scrapes wakegate in tests/test_metrics.py.
+test-deps:
+	@if ! command -v prometheus >/dev/null; then \
+	  echo "installing prometheus with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+
 # The whole suite against the C extension, then against the pure-Python twin.
-test: setup test-c test-python
+test: setup test-deps test-c test-python
 
 test-c:
 	$(PY) -m pytest

@@ -110,7 +110,30 @@ def worker_pid(master: subprocess.Popen) -> int:
         return master.pid
 
 
-def setup_targets(tmp: Path, body_bytes: int) -> tuple[list[Target], list[subprocess.Popen]]:
+def start_wakegate(tmp: Path, name: str, backend_port: int, extra: str = "") -> tuple[int, subprocess.Popen]:
+    port = free_port()
+    conf = tmp / f"{name}.toml"
+    conf.write_text(
+        f"""[proxy]
+listen = "127.0.0.1:{port}"
+upstream_keepalive = 256
+[admin]
+listen = "127.0.0.1:{free_port()}"
+{extra}
+[services.bench]
+hosts = ["{HOST}"]
+upstream = "127.0.0.1:{backend_port}"
+"""
+    )
+    proc = start(
+        [sys.executable, "-m", "controller.cli", "serve", "-c", str(conf), "--log-level", "warning"],
+        PROXY_CPU,
+        tmp / f"{name}.log",
+    )
+    return port, proc
+
+
+def setup_targets(tmp: Path, body_bytes: int, measure_cost: bool = False) -> tuple[list[Target], list[subprocess.Popen]]:
     procs = []
     tmp.chmod(0o755)  # nginx workers run unprivileged and must read the payload
     backend_port = free_port()
@@ -132,24 +155,19 @@ def setup_targets(tmp: Path, body_bytes: int) -> tuple[list[Target], list[subpro
     procs.append(backend)
     wait_port(backend_port)
 
-    wg_port = free_port()
-    wg_conf = tmp / "wakegate.toml"
-    wg_conf.write_text(
-        f"""[proxy]
-listen = "127.0.0.1:{wg_port}"
-upstream_keepalive = 256
-[admin]
-listen = "127.0.0.1:{free_port()}"
-[services.bench]
-hosts = ["{HOST}"]
-upstream = "127.0.0.1:{backend_port}"
-"""
-    )
-    wakegate = start(
-        [sys.executable, "-m", "controller.cli", "serve", "-c", str(wg_conf), "--log-level", "warning"],
-        PROXY_CPU,
-        tmp / "wakegate.log",
-    )
+    if measure_cost:  # the same build, measuring everything against measuring nothing
+        on_port, on = start_wakegate(tmp, "wakegate-measured", backend_port,
+                                     f'[log]\naccess = "{tmp / "access.log"}"\n[metrics]\nenabled = true')
+        met_port, met = start_wakegate(tmp, "wakegate-metrics", backend_port, '[log]\naccess = ""\n[metrics]\nenabled = true')
+        off_port, off = start_wakegate(tmp, "wakegate-bare", backend_port, '[log]\naccess = ""\n[metrics]\nenabled = false')
+        procs += [on, met, off]
+        for port in (on_port, met_port, off_port):
+            wait_port(port)
+        time.sleep(0.3)
+        return [Target("direct", backend_port, backend), Target("measured", on_port, on),
+                Target("metrics-only", met_port, met), Target("bare", off_port, off)], procs
+
+    wg_port, wakegate = start_wakegate(tmp, "wakegate", backend_port)
     procs.append(wakegate)
 
     ngx_port = free_port()
@@ -269,12 +287,13 @@ def median(values):
     return statistics.median(values) if values else float("nan")
 
 
-def steady(args) -> dict:
-    results = {"scenario": "steady", "machine": machine(), "settings": vars(args).copy(), "cases": []}
+def steady(args, measure_cost: bool = False) -> dict:
+    scenario = "measure" if measure_cost else "steady"
+    results = {"scenario": scenario, "machine": machine(), "settings": vars(args).copy(), "cases": []}
     for body_bytes in args.sizes:
         for connections in args.connections:
             with tempfile.TemporaryDirectory(prefix="wakegate-bench-") as tmpdir:
-                targets, procs = setup_targets(Path(tmpdir), body_bytes)
+                targets, procs = setup_targets(Path(tmpdir), body_bytes, measure_cost)
                 try:
                     for t in targets:  # warm up pools and caches
                         run_wrk(t.port, connections, 1)
@@ -317,6 +336,14 @@ def steady(args) -> dict:
                 direct = case["targets"]["direct"]
                 for t in case["targets"].values():
                     t["added_p50"] = t["p50"] - direct["p50"]
+                if measure_cost:
+                    on, met, off = case["targets"]["measured"], case["targets"]["metrics-only"], case["targets"]["bare"]
+                    case["measured_vs_bare"] = {"rps": on["rps"] / off["rps"], "cost": 1 - on["rps"] / off["rps"],
+                                                "cpu_us_per_request": on["cpu_us_per_request"] - off["cpu_us_per_request"]}
+                    case["metrics_only_vs_bare"] = {"rps": met["rps"] / off["rps"], "cost": 1 - met["rps"] / off["rps"],
+                                                    "cpu_us_per_request": met["cpu_us_per_request"] - off["cpu_us_per_request"]}
+                    results["cases"].append(case)
+                    continue
                 wg = case["targets"]["wakegate"]
                 case["wakegate_vs"] = {
                     other: {"rps": wg["rps"] / case["targets"][other]["rps"], "p99": wg["p99"] / case["targets"][other]["p99"]}
@@ -326,7 +353,61 @@ def steady(args) -> dict:
     return results
 
 
+def metrics_scrape_times(services: int, scrapes: int = 20) -> dict:
+    """GET /metrics with N configured services, a tenth of them with traffic."""
+    import urllib.request
+
+    with tempfile.TemporaryDirectory(prefix="wakegate-scrape-") as tmpdir:
+        tmp = Path(tmpdir)
+        tmp.chmod(0o755)
+        backend_port = free_port()
+        backend = start([tool("nginx"), "-c", str(nginx_conf(tmp, "backend", f"""
+    server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "ok"; }} }}"""))], LOAD_CPU, tmp / "b.log")
+        port, admin = free_port(), free_port()
+        conf = tmp / "many.toml"
+        conf.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n' + "".join(
+            f'[services.s{i}]\nhosts = ["s{i}.test"]\nupstream = "127.0.0.1:{backend_port}"\n' for i in range(services)))
+        wg = start([sys.executable, "-m", "controller.cli", "serve", "-c", str(conf), "--log-level", "warning"],
+                   PROXY_CPU, tmp / "wg.log")
+        try:
+            wait_port(backend_port)
+            wait_port(port)
+            wait_port(admin)
+            for i in range(0, services, 10):
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": f"s{i}.test"})
+                urllib.request.urlopen(req, timeout=10).read()
+            times, size = [], 0
+            for _ in range(scrapes):
+                started = time.perf_counter()
+                size = len(urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30).read())
+                times.append(time.perf_counter() - started)
+        finally:
+            for p in (wg, backend):
+                p.terminate()
+                p.wait(10)
+    return {"services": services, "with_traffic": services // 10, "p50_ms": median(times) * 1e3,
+            "max_ms": max(times) * 1e3, "bytes": size}
+
+
 def markdown(results: dict) -> str:
+    if results["scenario"] == "measure":
+        lines = ["| conns | variant | req/s (min-max) | vs bare | cost | extra CPU µs/req |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for case in results["cases"]:
+            t = case["targets"]
+            lines.append(f"| {case['connections']} | bare (metrics off, no access log) | {t['bare']['rps']:.0f}"
+                         f" ({t['bare']['rps_min']:.0f}-{t['bare']['rps_max']:.0f}) | 1 | - | - |")
+            for key, label, name in (("metrics_only_vs_bare", "metrics", "metrics-only"),
+                                     ("measured_vs_bare", "metrics + access log", "measured")):
+                m = case[key]
+                lines.append(
+                    f"| {case['connections']} | {label} | {t[name]['rps']:.0f} ({t[name]['rps_min']:.0f}-{t[name]['rps_max']:.0f})"
+                    f" | {m['rps']:.3f} | {m['cost'] * 100:.1f}% | {m['cpu_us_per_request']:.2f} |"
+                )
+        s = results["metrics_scrape"]
+        lines += ["", f"GET /metrics with {s['services']} services ({s['with_traffic']} with traffic): "
+                  f"p50 {s['p50_ms']:.1f} ms, max {s['max_ms']:.1f} ms, {s['bytes']} bytes"]
+        return "\n".join(lines) + "\n"
     if results["scenario"] == "wake":
         lines = ["| mode | awake p50 ms | first request p50 ms (p99) | added p50 ms | backend resume/start p50 ms |"
                  " readiness p50 ms | wakegate p50 ms | process start-up p50 ms | added over start-up p50 ms |",
@@ -378,7 +459,7 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", nargs="?", default="steady", choices=["steady", "wake", "burst"])
+    parser.add_argument("scenario", nargs="?", default="steady", choices=["steady", "wake", "burst", "measure"])
     parser.add_argument("--cycles", type=int, default=40, help="wake: sleep/wake cycles per mode")
     parser.add_argument("--burst", type=int, default=10000, help="burst: concurrent first requests")
     parser.add_argument("--quick", action="store_true", help="a run of about a minute")
@@ -392,11 +473,15 @@ def main(argv=None) -> int:
     if args.quick:
         args.duration, args.rounds, args.connections, args.sizes = 3, 2, [50], [2]
         args.cycles, args.burst = 10, 1000
-    if args.scenario == "steady":
+    if args.scenario in ("steady", "measure"):
         if (os.cpu_count() or 1) < 2:
             sys.exit("bench: needs two cores (one for the proxy, one for the load)")
         ensure_tools()
-        results = steady(args)
+        if args.scenario == "measure" and not args.quick:
+            args.connections, args.sizes = [c for c in args.connections if c > 1] or [50], [2]
+        results = steady(args, measure_cost=args.scenario == "measure")
+        if args.scenario == "measure":
+            results["metrics_scrape"] = metrics_scrape_times(1000)
     else:
         from . import wake
 

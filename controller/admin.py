@@ -1,7 +1,7 @@
 """The admin API (aiohttp): service states, and wake or sleep on demand.
 
 ``GET /services``, ``POST /services/NAME/wake``, ``POST /services/NAME/sleep``,
-``GET /healthz``. With ``[admin] token`` set, every call but /healthz needs
+``GET /metrics`` (Prometheus text format), ``GET /healthz``. With ``[admin] token`` set, every call but /healthz needs
 ``Authorization: Bearer TOKEN``, compared in constant time.
 """
 
@@ -18,7 +18,7 @@ def _json(data, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-def make_app(controller, token: str = "") -> web.Application:
+def make_app(controller, token: str = "", exposition=None) -> web.Application:
     expected = token.encode()
 
     @web.middleware
@@ -57,7 +57,15 @@ def make_app(controller, token: str = "") -> web.Application:
         service.request_sleep("admin")
         return _json({"name": service.name, "state": service.state.value, "requested": "sleep"}, 202)
 
+    async def metrics(request):
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if exposition is None:
+            return _json({"error": "metrics are off ([metrics] enabled = false)"}, 404)
+        return web.Response(body=exposition.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application(middlewares=[auth])
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/services", services)
     app.router.add_post("/services/{name}/wake", wake)
@@ -65,8 +73,8 @@ def make_app(controller, token: str = "") -> web.Application:
     return app
 
 
-async def start_admin(controller, settings) -> web.AppRunner:
-    runner = web.AppRunner(make_app(controller, settings.token), access_log=None)
+async def start_admin(controller, settings, exposition=None) -> web.AppRunner:
+    runner = web.AppRunner(make_app(controller, settings.token, exposition), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True)
     await site.start()

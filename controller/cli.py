@@ -67,12 +67,27 @@ async def serve(config) -> int:
     for name, route in routes.items():
         route.service = controller.services[name]
     server = ProxyServer(config.proxy, router, loop)
+    server.server_timing = config.log.server_timing
+    server.measure = config.metrics.enabled
+    exposition = None
+    if config.metrics.enabled:
+        from .metrics import FastExposition
+
+        exposition = FastExposition(controller, routes, server.stats)
+    if config.log.access:
+        from proxy.metrics import AccessLog
+
+        try:
+            server.access_log = AccessLog(config.log.access, loop, server.stats)
+        except OSError as exc:
+            print(f"wakegate: {config.path}: log.access: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: a signal must never find us unprepared
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-        admin = await start_admin(controller, config.admin)
+        admin = await start_admin(controller, config.admin, exposition)
     except OSError as exc:
         print(f"wakegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -94,6 +109,8 @@ async def serve(config) -> int:
         route.pool.close_idle()
     await controller.close()  # stops every backend process: nothing is left behind
     await admin.cleanup()
+    if server.access_log is not None:
+        server.access_log.close()
     log.info("stopped")
     return 0
 

@@ -76,6 +76,17 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    access: str = ""  # "-" for stdout, a path, or "" for off
+    server_timing: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class NoWake:
     """Requests that must not wake a sleeping service (uptime monitors, health checkers)."""
 
@@ -107,6 +118,8 @@ class Config:
     proxy: ProxySettings
     admin: AdminSettings
     services: dict[str, ServiceConfig] = field(default_factory=dict)
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
@@ -174,6 +187,12 @@ class _Reader:
             raise self.error(name, f"expected a whole number, got {_kind(value)} {value!r}")
         if not minimum <= value <= maximum:
             raise self.error(name, f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {_kind(value)} {value!r}")
         return value
 
     def string(self, name: str, default: str) -> str:
@@ -375,6 +394,17 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     admin = AdminSettings(listen=a.address("listen", DEFAULT_ADMIN_LISTEN), token=a.string("token", ""))
     a.finish()
 
+    lg = top.sub("log")
+    log_settings = LogSettings(access=lg.string("access", ""), server_timing=lg.boolean("server_timing", False))
+    if log_settings.access not in ("", "-"):
+        folder = Path(log_settings.access).resolve().parent
+        if not folder.is_dir():
+            raise lg.error("access", f"folder {str(folder)!r} does not exist")
+    lg.finish()
+    m = top.sub("metrics")
+    metrics_settings = MetricsSettings(enabled=m.boolean("enabled", True))
+    m.finish()
+
     services: dict[str, ServiceConfig] = {}
     s = top.sub("services")
     seen: dict[tuple[str, str], str] = {}
@@ -403,4 +433,4 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         raise p.error("default_service", f"names no service; known: {', '.join(sorted(services)) or 'none'}")
     if not services:
         raise top.error("services", "no services configured; add a [services.NAME] table")
-    return Config(path=path, proxy=proxy, admin=admin, services=services)
+    return Config(path=path, proxy=proxy, admin=admin, services=services, log=log_settings, metrics=metrics_settings)

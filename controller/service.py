@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Callable
 
+from proxy.metrics import Histogram
+
 log = logging.getLogger("wakegate.controller")
 
 MAX_QUEUE = 10_000  # held requests per service; Knative activator's queue depth
@@ -143,6 +145,11 @@ class Service:
         self.sleeps = 0
         self.failures = 0
         self.last_wake_seconds: float | None = None
+        self.wake_results: dict[str, int] = {}  # ok, failed, timeout
+        self.sleep_reasons: dict[str, int] = {}  # idle, admin, exited
+        self.wake_seconds = Histogram()  # decision to ready
+        self.resume_seconds = Histogram()  # the backend's own thaw or start
+        self.ready_seconds = Histogram()  # the readiness wait after it
         self.failed_until = 0.0
         self._backoff = FAILED_BACKOFF_MIN
         self._commands: asyncio.Queue | None = None
@@ -283,13 +290,22 @@ class Service:
         try:
             await asyncio.wait_for(self.backend.wake(deadline), self.wake_timeout)
         except asyncio.TimeoutError:
+            self._count(self.wake_results, "timeout")
             self._wake_failed(504, "wake timed out", started)
             return
         except Exception as exc:
             log.warning("service %s: wake failed: %s", self.name, exc)
+            self._count(self.wake_results, "failed")
             self._wake_failed(503, f"wake failed: {exc}", started)
             return
         self.last_wake_seconds = time.monotonic() - started
+        self._count(self.wake_results, "ok")
+        self.wake_seconds.observe(self.last_wake_seconds)
+        backend = self.backend
+        if backend.last_resume_seconds is not None:
+            self.resume_seconds.observe(backend.last_resume_seconds)
+        if backend.last_ready_seconds is not None:
+            self.ready_seconds.observe(backend.last_ready_seconds)
         self.wakes += 1
         self._backoff = FAILED_BACKOFF_MIN
         self.idle_since = time.monotonic()
@@ -333,9 +349,13 @@ class Service:
             for pool in self.pools:
                 pool.close_idle()
         self.sleeps += 1
-        self.last_sleep_reason = reason
+        self._count(self.sleep_reasons, reason)
         self._set(ASLEEP)
         # Requests that arrived while SLEEPING are in the queue: the loop wakes at once.
+
+    @staticmethod
+    def _count(counts: dict, key: str) -> None:
+        counts[key] = counts.get(key, 0) + 1
 
     def _release_queue(self) -> None:
         """Grant held leases in arrival order."""

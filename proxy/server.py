@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from time import perf_counter
 
 from .http11 import (
     CHUNKED,
@@ -23,6 +24,7 @@ from .http11 import (
 )
 from controller.service import READY, Refused
 
+from .metrics import CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
 from .routing import Router
 from .upstream import UpstreamConnection, UpstreamPool
 
@@ -79,13 +81,14 @@ class ServiceRoute:
     """What a request is routed to: a service's name, its upstream pool, its controller
     Service (the acquire/release seam) and its no-wake rules."""
 
-    __slots__ = ("name", "pool", "service", "no_wake")
+    __slots__ = ("name", "pool", "service", "no_wake", "stats")
 
     def __init__(self, name: str, pool: UpstreamPool, service=None, no_wake=None) -> None:
         self.name = name
         self.pool = pool
         self.service = service
         self.no_wake = no_wake  # (path prefixes, user-agent substrings, status) or None
+        self.stats = ServiceStats()
 
     def must_not_wake(self, head) -> bool:
         """A request that only asks whether the service is up (monitors): never a reason to wake it."""
@@ -132,6 +135,10 @@ class ProxyServer:
         self.loop = loop or asyncio.get_event_loop()
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        self.stats = ProxyStats()
+        self.access_log = None  # an AccessLog, or None when off
+        self.server_timing = False
+        self.measure = True  # [metrics] enabled
         self.server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
         timeouts = [getattr(self.limits, n) for n in self.limits.__slots__ if n.endswith("timeout")]
@@ -189,6 +196,7 @@ class ClientConnection(asyncio.Protocol):
         self.exact_hosts = server.router.exact
         self.transport = None
         self.client_addr = b""
+        self.client_host = ""
         self.state = S_HEAD
         self.buf = bytearray()  # client bytes not yet consumed
         self.deadline = 0.0
@@ -218,19 +226,31 @@ class ClientConnection(asyncio.Protocol):
         self.keep = False
         self.client_eof = False
         self.idle = False  # between requests, with the keep-alive deadline running
+        # the timeline of the exchange under way (perf_counter seconds; 0: not yet)
+        self.t0 = 0.0  # first byte of the head
+        self.t_held = 0.0
+        self.t_connect = 0.0
+        self.t_sent = 0.0
+        self.t_first = 0.0
+        self.queue_s = 0.0
+        self.connect_s = 0.0
+        self.status_sent = 0
+        self.bytes_out = 0
 
     # ---- asyncio callbacks ----
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.client_addr = (peer[0] if peer else "unknown").encode()
+        self.client_host = peer[0] if peer else "unknown"
+        self.client_addr = self.client_host.encode()
         self.server.connections.add(self)
         self.deadline = self.loop.time() + self.limits.head_timeout
 
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state == S_HEAD and not self.buf:
+            self.t0 = perf_counter()
             # Fast path: one whole request head without a body, in one read.
             try:
                 head = parse_request(data, 0, self.limits.max_head_size)
@@ -379,6 +399,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.req = head
         self.route = route
+        self.t_held = self.t_connect = self.t_sent = self.t_first = self.queue_s = self.connect_s = 0.0
+        self.status_sent = 0
         body_length = head.body_length
         self.req_body_seen = 0
         if body_length == 0:
@@ -395,17 +417,16 @@ class ClientConnection(asyncio.Protocol):
         service = route.service
         if service is not None:
             if service.state is not READY and route.no_wake is not None and route.must_not_wake(head):
-                self.req = None
                 self._local_response(head, route.no_wake[2], retry_after=1)
                 return
             try:
                 lease = service.acquire()  # the seam: no suspension when READY
             except Refused as refused:
-                self.req = None
                 self._local_response(head, refused.status, retry_after=refused.retry_after)
                 return
             self.lease = lease
             if not lease.granted:
+                self.t_held = perf_counter()
                 self.state = S_HELD  # the body (if any) is held in pending meanwhile
                 self.deadline = 0.0  # the controller answers for the wake deadline
                 lease.on_ready = self._lease_ready
@@ -439,6 +460,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state != S_HELD or lease is not self.lease:
             lease.release()
             return
+        self.queue_s = perf_counter() - self.t_held
         if lease.refused is not None:
             refused = lease.refused
             self._upstream_error(refused.status, refused.reason, retry_after=refused.retry_after)
@@ -447,6 +469,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _connect(self) -> None:
         """Open a connection for a slot already reserved in the pool."""
+        self.t_connect = perf_counter()
         self.state = S_CONNECTING
         self.deadline = self.loop.time() + self.limits.connect_timeout
         pool = self.route.pool
@@ -470,12 +493,17 @@ class ClientConnection(asyncio.Protocol):
         self.connect_task = None
         if exc is not None:
             log.warning("upstream %s:%d for %s: %s", self.route.pool.host, self.route.pool.port, self.route.name, exc)
+            self._count_upstream_error("refused")
             self._upstream_error(502, "upstream refused the connection")
             return
         self._attach(task.result())
 
     def _attach(self, conn: UpstreamConnection) -> None:
         """Send the request head (and any body held so far) on conn."""
+        now = self.t_sent = perf_counter()
+        if self.t_connect:
+            self.connect_s = now - self.t_connect
+            self.t_connect = 0.0
         self.upstream = conn
         conn.owner = self
         self.state = S_EXCHANGE
@@ -532,6 +560,7 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_data(self, data: bytes) -> None:
         if self.resp is None and not self.rbuf:
+            self.t_first = perf_counter()
             # Fast path: a whole final response with a Content-Length body, in one read.
             req = self.req
             try:
@@ -547,8 +576,11 @@ class ClientConnection(asyncio.Protocol):
             ):
                 self.resp = resp
                 self.responded = True
+                self.status_sent = resp.status
                 self.keep = keep = req.keep_alive and self.req_body_done and not self.server.draining
-                self.transport.write(build_response(resp, keep, req.version) + data[resp.length :])
+                out = build_response(resp, keep, req.version, self._timing() if self.server.server_timing else b"")
+                self.bytes_out = len(out) + resp.body_length
+                self.transport.write(out + data[resp.length :])
                 self._finish(True)
                 return
         if self.state == S_TUNNEL:
@@ -565,6 +597,7 @@ class ClientConnection(asyncio.Protocol):
         if body_length > 0:
             take = self.resp_left if self.resp_left < n else n
             self.transport.write(data if take == n else data[:take])
+            self.bytes_out += take
             self.resp_left -= take
             if self.resp_left == 0:
                 self._finish(take == n)
@@ -575,10 +608,12 @@ class ClientConnection(asyncio.Protocol):
                 self._upstream_broken(f"invalid chunked response body: {exc}")
                 return
             self.transport.write(data if k == n else data[:k])
+            self.bytes_out += k
             if self.resp_scanner.done:
                 self._finish(k == n)
         else:  # UNTIL_CLOSE
             self.transport.write(data)
+            self.bytes_out += n
 
     def _response_head(self, data: bytes) -> None:
         req = self.req
@@ -607,16 +642,20 @@ class ClientConnection(asyncio.Protocol):
             if req.upgrade is None:
                 self._upstream_broken("101 for a request that asked no upgrade", status=502)
                 return
+            self.status_sent = 101
+            self._record()  # the exchange ends here for the metrics; the tunnel lives on
             self._tunnel(resp, data[pos:])
             return
         self.resp = resp
         self.responded = True
+        self.status_sent = resp.status
         keep = req.keep_alive and self.req_body_done and not self.server.draining
         body_length = resp.body_length
         if body_length == UNTIL_CLOSE:
             keep = False
         self.keep = keep
-        out = build_response(resp, keep, req.version)
+        out = build_response(resp, keep, req.version, self._timing() if self.server.server_timing else b"")
+        self.bytes_out = len(out) + (n - pos if body_length < 0 else min(body_length, n - pos))
         if body_length == 0:
             self.transport.write(out)
             self._finish(pos == n)
@@ -661,6 +700,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish(self, clean: bool) -> None:
         """The response is complete: recycle the upstream, then serve the next request."""
+        if self.req is not None:
+            self._record()
         conn = self.upstream
         self.upstream = None
         if conn is not None:
@@ -683,6 +724,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle = True
         self.deadline = self.loop.time() + self.limits.keepalive_timeout
         if self.buf:
+            self.t0 = perf_counter()
             data = bytes(self.buf)
             self.buf.clear()
             self._resume(P_PIPELINE_FULL)
@@ -709,6 +751,7 @@ class ClientConnection(asyncio.Protocol):
             self.retried = True
             self._go_upstream()
             return
+        self._count_upstream_error("reset")
         self._upstream_error(502, "upstream closed the connection")
 
     # ---- failures ----
@@ -716,6 +759,7 @@ class ClientConnection(asyncio.Protocol):
     def _upstream_broken(self, why: str, status: int = 502) -> None:
         """The service sent something unusable."""
         log.warning("upstream for %s: %s", self.route.name if self.route else "?", why)
+        self._count_upstream_error("bad_response")
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
@@ -731,8 +775,11 @@ class ClientConnection(asyncio.Protocol):
             return
         req = self.req
         keep = req.keep_alive and self.req_body_done and not self.server.draining
-        self.transport.write(error_response(status, keep, req.is_head, retry_after))
+        out = error_response(status, keep, req.is_head, retry_after)
+        self.transport.write(out)
         self.responded = True
+        self.status_sent = status
+        self.bytes_out = len(out)
         self.resp = None
         self.keep = keep
         self._finish(False)
@@ -740,7 +787,15 @@ class ClientConnection(asyncio.Protocol):
     def _local_response(self, head, status: int, retry_after: float = 0) -> None:
         """Answer a request wakegate serves itself, keeping the connection if its framing allows."""
         keep = head.keep_alive and head.body_length == 0 and not self.server.draining
-        self.transport.write(error_response(status, keep, head.is_head, retry_after))
+        out = error_response(status, keep, head.is_head, retry_after)
+        self.transport.write(out)
+        if self.req is head:  # routed: the service answered for (no-wake, queue full, failed)
+            self.status_sent = status
+            self.bytes_out = len(out)
+            self._record()
+            self.req = None
+        else:
+            self._count_client_error(status)
         if not keep:
             self.close()
         else:
@@ -750,9 +805,57 @@ class ClientConnection(asyncio.Protocol):
     def _reject(self, status: int, why: str) -> None:
         """A request we cannot read on from: answer (if nothing was sent yet) and close."""
         log.info("client %s: %d %s", self.client_addr.decode(), status, why)
+        self._count_client_error(status)
         if not self.responded and self.state != S_CLOSED:
             self.transport.write(error_response(status, False))
         self.close()
+
+    # ---- measuring ----
+
+    def _timing(self) -> bytes:
+        """Server-Timing (W3C): where the time went before the response head, in ms."""
+        upstream = (self.t_first - self.t_sent) * 1e3 if self.t_sent else 0.0
+        return b"Server-Timing: queue;dur=%.3f, connect;dur=%.3f, upstream;dur=%.3f\r\n" % (
+            self.queue_s * 1e3, self.connect_s * 1e3, upstream)
+
+    def _record(self) -> None:
+        """Count the exchange under way once: metrics, then the access log line."""
+        req = self.req
+        route = self.route
+        if req is None or route is None:
+            return
+        server = self.server
+        end = perf_counter()
+        status = self.status_sent or 502
+        total = end - self.t0 if self.t0 else 0.0
+        upstream = self.t_first - self.t_sent if self.t_first and self.t_sent else 0.0
+        if server.measure:
+            stats = route.stats
+            codes = stats.codes
+            codes[status] = codes.get(status, 0) + 1
+            stats.duration.observe(total)
+            if upstream:
+                stats.upstream.observe(upstream)
+            if self.t_held:
+                stats.queue.observe(self.queue_s)
+            if self.connect_s:
+                stats.connect.observe(self.connect_s)
+        access = server.access_log
+        if access is not None:
+            access.add(end, route.name, req.method, req.target, status, req.length + self.req_body_seen,
+                       self.bytes_out, total, self.queue_s, self.connect_s, upstream, self.t_held != 0.0,
+                       self.client_host)
+        self.req = None
+
+    def _count_client_error(self, status: int) -> None:
+        reason = CLIENT_ERROR_REASONS.get(status, str(status))
+        errors = self.server.stats.client_errors
+        errors[reason] = errors.get(reason, 0) + 1
+
+    def _count_upstream_error(self, reason: str) -> None:
+        if self.route is not None:
+            errors = self.route.stats.upstream_errors
+            errors[reason] = errors.get(reason, 0) + 1
 
     def on_deadline(self) -> None:
         state = self.state
@@ -768,6 +871,7 @@ class ClientConnection(asyncio.Protocol):
                 self.connect_task.cancel()
                 self.connect_task = None
             self.waiting_for_pool = False
+            self._count_upstream_error("connect_timeout")
             self._upstream_error(504, "upstream connect timed out")
         elif state == S_EXCHANGE:
             if self.write_paused and self.responded:
@@ -779,6 +883,7 @@ class ClientConnection(asyncio.Protocol):
                     self.upstream = None
                 self._reject(408, "request body too slow")
             else:
+                self._count_upstream_error("timeout")
                 self._upstream_error(504, "upstream timed out")
         else:
             self.close()
@@ -790,6 +895,10 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.state != S_CLOSED:
+            if self.req is not None and self.route is not None:
+                if not self.status_sent:
+                    self.status_sent = 499  # nginx's code: the client went away first
+                self._record()
             self.state = S_CLOSED
             self.deadline = 0.0
             self.waiting_for_pool = False

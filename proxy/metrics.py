@@ -1,0 +1,187 @@
+"""What the data path records per request, cheaply: counters, fixed-bucket histograms,
+and the access log. Exposition (Prometheus text) is the controller's job, at scrape time.
+
+Recording a request costs a few list and dict updates; the access log formats
+its JSON line (orjson) into a buffer that is handed every 100 ms to a writer
+thread, which does the disk I/O, so the event loop never blocks on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from bisect import bisect_left
+
+import orjson
+
+log = logging.getLogger("wakegate.metrics")
+
+# 50 microseconds to 30 seconds (DESIGN.md): fine steps where a proxy and a pause-mode wake
+# live, coarse ones for cold starts and slow upstreams.
+BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+ACCESS_FLUSH_SECONDS = 0.1  # access log lines wait at most this long for the writer thread
+ACCESS_FLUSH_BYTES = 16 * 1024  # ... or until this much is buffered: a small buffer stays in the CPU cache
+ACCESS_MAX_PENDING = 100_000  # lines waiting for a slow disk beyond this are dropped (and counted)
+
+
+class Histogram:
+    """Counts per bucket (the last one is +Inf) and the sum; cumulated only when exported."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out = []
+        total = 0
+        for bound, n in zip(BUCKETS, self.counts):
+            total += n
+            out.append((repr(bound), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
+class ServiceStats:
+    """Per-service request metrics, written by the data path only."""
+
+    __slots__ = ("codes", "duration", "queue", "upstream", "connect", "upstream_errors")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.duration = Histogram()  # first byte of the head to the last byte of the response
+        self.queue = Histogram()  # held for a wake
+        self.upstream = Histogram()  # head sent to first response byte
+        self.connect = Histogram()  # new upstream connections only
+        self.upstream_errors: dict[str, int] = {}
+
+
+class ProxyStats:
+    """Errors that belong to no service (the request never got that far)."""
+
+    __slots__ = ("client_errors", "access_dropped")
+
+    def __init__(self) -> None:
+        self.client_errors: dict[str, int] = {}
+        self.access_dropped = 0
+
+
+CLIENT_ERROR_REASONS = {
+    400: "bad_request",
+    404: "unknown_host",
+    408: "timeout",
+    413: "body_too_large",
+    421: "unknown_host",
+    431: "head_too_large",
+    501: "not_implemented",
+    505: "version_not_supported",
+}
+
+
+class AccessLog:
+    """One JSON line per request to a file or stdout, written by a thread, never by the loop."""
+
+    def __init__(self, target: str, loop, stats: ProxyStats) -> None:
+        self.target = target
+        self.loop = loop
+        self.stats = stats
+        self.buffer = bytearray()
+        self.lines = 0
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.queued_lines = 0
+        self._lock = threading.Lock()
+        # monotonic -> wall clock, taken once: a request costs no time.time() call
+        self.wall_offset = time.time() - time.perf_counter()
+        if target == "-":
+            self.file = sys.stdout.buffer
+        else:
+            try:
+                self.file = open(target, "ab", buffering=1 << 16)
+            except OSError as exc:
+                raise OSError(f"access log {target}: {exc.strerror or exc}") from None
+        self.thread = threading.Thread(target=self._write, name="wakegate-access-log", daemon=True)
+        self.thread.start()
+        self._timer = loop.call_later(ACCESS_FLUSH_SECONDS, self._flush)
+
+    def add(self, end, service, method, target, status, bytes_in, bytes_out, total, queue_s, connect, upstream,
+            woke, client) -> None:
+        """Format one line now (a few hundred bytes appended; no object kept per request)."""
+        self.buffer += orjson.dumps(
+            {
+                "time": end + self.wall_offset,
+                "service": service,
+                "method": method.decode("latin-1"),
+                "path": target.decode("latin-1"),
+                "status": status,
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+                # int(us) / 1000: milliseconds with three decimals, far cheaper than round()
+                "ms": {
+                    "total": int(total * 1e6) / 1000,
+                    "queue": int(queue_s * 1e6) / 1000,
+                    "connect": int(connect * 1e6) / 1000,
+                    "upstream": int(upstream * 1e6) / 1000,
+                },
+                "woke": woke,
+                "client": client,
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        self.lines += 1
+        if len(self.buffer) > ACCESS_FLUSH_BYTES:
+            self.flush()
+
+    def _flush(self) -> None:
+        self._timer = self.loop.call_later(ACCESS_FLUSH_SECONDS, self._flush)
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand the lines so far to the writer thread (or drop them if the disk is far behind)."""
+        if not self.lines:
+            return
+        data, n = bytes(self.buffer), self.lines
+        self.buffer.clear()
+        self.lines = 0
+        with self._lock:
+            if self.queued_lines > ACCESS_MAX_PENDING:
+                self.stats.access_dropped += n
+                return
+            self.queued_lines += n
+        self.queue.put((n, data))
+
+    def _write(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            n, data = item
+            try:
+                self.file.write(data)
+                self.file.flush()
+            except OSError as exc:  # a full disk must not take the proxy down
+                log.warning("access log: %s", exc)
+            with self._lock:
+                self.queued_lines -= n
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self.flush()
+        self.queue.put(None)
+        self.thread.join(5)
+        if self.file is not sys.stdout.buffer:
+            self.file.close()

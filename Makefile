@@ -31,11 +31,17 @@ build: $(STAMP)
 run: setup
 	$(PY) examples/demo.py
 
-# Debian packages the tests use for real: prometheus scrapes wakegate in tests/test_metrics.py.
+# Debian packages the tests use for real: prometheus scrapes wakegate (tests/test_metrics.py);
+# wrk, nginx and haproxy run the tiny benchmark (tests/test_bench.py).
+TEST_PACKAGES := prometheus wrk nginx-light haproxy
 test-deps:
-	@if ! command -v prometheus >/dev/null; then \
-	  echo "installing prometheus with apt-get"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	@missing=""; \
+	for tool in prometheus wrk nginx haproxy; do \
+	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
 	fi
 
 # The whole suite against the C extension, then against the pure-Python twin.
@@ -51,7 +57,7 @@ bench-parse: setup
 	$(PY) -m pytest bench/test_parse.py --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,ops -p no:cacheprovider
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench all
 
 clean:
 	rm -rf $(VENV) build *.egg-info proxy/*.so .pytest_cache .hypothesis .benchmarks

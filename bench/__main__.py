@@ -232,10 +232,10 @@ def _seconds(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(port: int, connections: int, duration: float) -> dict:
+def run_wrk(port: int, connections: int, duration: float, host: str = HOST) -> dict:
     cmd = [
         "taskset", "-c", LOAD_CPU, tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-        "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/",
+        "-H", f"Host: {host}", f"http://127.0.0.1:{port}/",
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     out = run.stdout
@@ -252,7 +252,8 @@ def run_wrk(port: int, connections: int, duration: float) -> dict:
     if m:
         errors += sum(int(x) for x in m.groups())
     pct = {p: _seconds(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M)}
-    return {"rps": rps, "requests": total, "errors": errors, "p50": pct["50"], "p99": pct["99"]}
+    return {"rps": rps, "requests": total, "errors": errors, "p50": pct["50"], "p75": pct["75"], "p90": pct["90"],
+            "p99": pct["99"]}
 
 
 def machine() -> dict:
@@ -328,6 +329,8 @@ def steady(args, measure_cost: bool = False) -> dict:
                         "rps_min": min(rps),
                         "rps_max": max(rps),
                         "p50": median([r["p50"] for r in t.runs]),
+                        "p75": median([r["p75"] for r in t.runs]),
+                        "p90": median([r["p90"] for r in t.runs]),
                         "p99": median([r["p99"] for r in t.runs]),
                         "cpu_us_per_request": median([r["cpu_us_per_request"] for r in t.runs if r["cpu_us_per_request"]]),
                         "errors": sum(r["errors"] for r in t.runs),
@@ -457,12 +460,91 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_section(tiny: bool) -> dict:
+    """bench/test_parse.py under pytest-benchmark: median seconds per head, per parser."""
+    with tempfile.TemporaryDirectory(prefix="wakegate-parse-") as tmp:
+        out = Path(tmp) / "parse.json"
+        cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_parse.py"), "-q", "-p", "no:cacheprovider",
+               "--benchmark-only", "--benchmark-enable", f"--benchmark-json={out}"]
+        if tiny:
+            cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.05", "--benchmark-warmup=off"]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+        data = json.loads(out.read_text())
+    medians = {b["name"].removeprefix("test_parse_"): b["stats"]["median"] for b in data["benchmarks"]}
+    c = medians.get("c")
+    return {"median_seconds": medians,
+            "c_vs": {name: value / c for name, value in medians.items() if c and name != "c"}}
+
+
+SCENARIOS = ("steady", "wake", "burst", "scale", "parse")
+
+
+def run(args) -> dict:
+    results = {"scenario": args.scenario, "machine": machine(), "settings": vars(args).copy(), "sections": {}}
+    wanted = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    sections = results["sections"]
+    for name in wanted:
+        print(f"bench: {name}", flush=True)
+        if name in ("steady", "measure"):
+            section = steady(args, measure_cost=name == "measure")
+            if name == "measure":
+                section["metrics_scrape"] = metrics_scrape_times(100 if args.tiny else 1000)
+        elif name == "wake":
+            from . import wake
+
+            section = {"scenario": "wake", "modes": [wake.wake_mode(mode, args.cycles, progress=print)
+                                                     for mode in ("pause", "stop")],
+                       "not_measured": {"snapshot": "needs the microVM backend (issue 5), not built yet"}}
+        elif name == "burst":
+            from . import wake
+
+            section = {"scenario": "burst", "burst": wake.burst(args.burst)}
+        elif name == "scale":
+            from .scale import scale
+
+            with tempfile.TemporaryDirectory(prefix="wakegate-scale-") as tmp:
+                section = {"scenario": "scale", **scale(Path(tmp), args.services, args.duration, args.rounds)}
+        else:
+            section = {"scenario": "parse", **parse_section(args.tiny)}
+        sections[name] = section
+    return results
+
+
+def report(results: dict) -> str:
+    parts = [f"Machine: {results['machine']['cores']} cores, {results['machine']['cpu']}, Python "
+             f"{results['machine']['python']}, parser {results['machine']['parser']}; {results['machine']['nginx']}; "
+             f"{results['machine']['haproxy'].split(' - ')[0]}. Absolute numbers drift 10-20% between runs on "
+             "shared hosts: read the ratios.\n"]
+    for name, section in results["sections"].items():
+        parts.append(f"### {name}\n")
+        if name == "scale":
+            lines = ["| services | start-up s | RSS MiB (start / after traffic) | req/s | vs 1 service |",
+                     "| --- | --- | --- | --- | --- |"]
+            for e in section["sizes"]:
+                lines.append(f"| {e['services']} | {e['startup_seconds']:.2f} | {e['rss_mib_start']:.1f} / "
+                             f"{e['rss_mib_after']:.1f} | {e['rps']:.0f} | {e['rps_vs_smallest']:.2f}x |")
+            parts.append("\n".join(lines) + "\n")
+        elif name == "parse":
+            lines = ["| parser | median µs per head | vs C |", "| --- | --- | --- |"]
+            for parser, value in sorted(section["median_seconds"].items(), key=lambda kv: kv[1]):
+                lines.append(f"| {parser} | {value * 1e6:.2f} | {section['c_vs'].get(parser, 1.0):.1f}x |")
+            parts.append("\n".join(lines) + "\n")
+        else:
+            parts.append(markdown(section))
+            if name == "wake" and section.get("not_measured"):
+                parts.append("".join(f"Not measured: {k}: {v}.\n" for k, v in section["not_measured"].items()))
+    return "\n".join(parts)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", nargs="?", default="steady", choices=["steady", "wake", "burst", "measure"])
+    parser.add_argument("scenario", nargs="?", default="all", choices=("all",) + SCENARIOS + ("measure",))
+    parser.add_argument("--quick", action="store_true", help="every scenario, small: about a minute or two")
+    parser.add_argument("--tiny", action="store_true", help="the smallest run that exercises everything (tests)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON, markdown and PNG files")
     parser.add_argument("--cycles", type=int, default=40, help="wake: sleep/wake cycles per mode")
     parser.add_argument("--burst", type=int, default=10000, help="burst: concurrent first requests")
-    parser.add_argument("--quick", action="store_true", help="a run of about a minute")
+    parser.add_argument("--services", default="1,1000,10000", help="scale: configured services, comma-separated")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", default="1,50", help="comma-separated")
@@ -470,39 +552,42 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.connections = [int(c) for c in args.connections.split(",")]
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.services = [int(s) for s in args.services.split(",")]
     if args.quick:
         args.duration, args.rounds, args.connections, args.sizes = 3, 2, [50], [2]
-        args.cycles, args.burst = 10, 1000
-    if args.scenario in ("steady", "measure"):
-        if (os.cpu_count() or 1) < 2:
-            sys.exit("bench: needs two cores (one for the proxy, one for the load)")
-        ensure_tools()
-        if args.scenario == "measure" and not args.quick:
-            args.connections, args.sizes = [c for c in args.connections if c > 1] or [50], [2]
-        results = steady(args, measure_cost=args.scenario == "measure")
-        if args.scenario == "measure":
-            results["metrics_scrape"] = metrics_scrape_times(1000)
-    else:
-        from . import wake
+        args.cycles, args.burst, args.services = 10, 1000, [1, 1000]
+    if args.tiny:
+        args.duration, args.rounds, args.connections, args.sizes = 1, 1, [5], [2]
+        args.cycles, args.burst, args.services = 3, 50, [1, 20]
+    if args.scenario == "measure" and not (args.quick or args.tiny):
+        args.connections, args.sizes = [c for c in args.connections if c > 1] or [50], [2]
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("bench: needs two cores (one for the proxy, one for the load)")
+    ensure_tools()
+    results = run(args)
 
-        results = {"scenario": args.scenario, "machine": machine(), "settings": vars(args).copy()}
-        if args.scenario == "wake":
-            results["modes"] = [wake.wake_mode(mode, args.cycles, progress=print) for mode in ("pause", "stop")]
-        else:
-            results["burst"] = wake.burst(args.burst)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"{results['scenario']}-{stamp}.json"
-    path.write_text(json.dumps(results, indent=1))
-    table = markdown(results)
-    (RESULTS / f"{results['scenario']}-{stamp}.md").write_text(table)
+    base = out / f"{args.scenario}-{stamp}"
+    from . import plots
+
+    pngs = []
+    if "steady" in results["sections"]:
+        pngs.append(plots.steady_latency(results["sections"]["steady"], base.with_name(base.name + "-steady.png")))
+    if "wake" in results["sections"]:
+        pngs.append(plots.wake_breakdown(results["sections"]["wake"], base.with_name(base.name + "-wake.png")))
+    results["plots"] = [p.name for p in pngs]
+    base.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    table = report(results)
+    base.with_suffix(".md").write_text(table)
     print()
     print(table)
-    failed = [(c["body_bytes"], c["connections"], n) for c in results.get("cases", []) for n, t in c["targets"].items()
-              if t["errors"]]
+    failed = [(name, c["body_bytes"], c["connections"], n) for name, sec in results["sections"].items()
+              for c in sec.get("cases", []) for n, t in c["targets"].items() if t["errors"]]
     if failed:
         print(f"bench: WARNING: responses other than 2xx/3xx or socket errors in {failed}; those numbers are not comparable")
-    print(f"bench: wrote {path.relative_to(ROOT)} and the .md beside it")
+    print(f"bench: wrote {base}.json, .md and {', '.join(p.name for p in pngs) or 'no plots'}")
     return 0
 
 

@@ -1,0 +1,86 @@
+"""bench/: every scenario in its tiny mode, end to end, and the shape and sanity of what it writes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run([sys.executable, "-m", "bench", "all", "--tiny", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = out.glob("all-*.json")
+    return out, json.loads(path.read_text()), result.stdout
+
+
+def test_machine_is_described(tiny_run):
+    _, results, _ = tiny_run
+    machine = results["machine"]
+    assert machine["cores"] >= 2 and machine["cpu"] and machine["python"]
+    assert "nginx" in machine["nginx"] and "HAProxy" in machine["haproxy"]
+
+
+def test_steady_compares_four_targets(tiny_run):
+    _, results, _ = tiny_run
+    (case,) = results["sections"]["steady"]["cases"]
+    assert set(case["targets"]) == {"direct", "wakegate", "nginx", "haproxy"}
+    for name, t in case["targets"].items():
+        assert t["rps"] > 100, name
+        assert 0 < t["p50"] <= t["p75"] <= t["p90"] <= t["p99"] < 5, name
+        assert t["errors"] == 0, name
+    assert set(case["wakegate_vs"]) == {"nginx", "haproxy", "direct"}
+    assert 0 < case["wakegate_vs"]["nginx"]["rps"] < 10
+
+
+def test_wake_splits_the_first_request(tiny_run):
+    _, results, _ = tiny_run
+    modes = {m["mode"]: m for m in results["sections"]["wake"]["modes"]}
+    assert set(modes) == {"pause", "stop"}
+    for m in modes.values():
+        assert m["first_request"]["n"] == 3
+        assert m["first_request"]["p50"] > m["awake"]["p50"] > 0
+        assert m["backend_resume"]["p50"] > 0 and m["readiness_wait"]["p50"] > 0
+    assert modes["stop"]["process_startup"]["p50"] > 10  # a Python process takes tens of ms to start
+    assert "snapshot" in results["sections"]["wake"]["not_measured"]
+
+
+def test_burst_answers_everyone_with_one_wake(tiny_run):
+    _, results, _ = tiny_run
+    burst = results["sections"]["burst"]["burst"]
+    assert burst["requests"] == 50 and burst["ok"] == 50 and burst["errors"] == 0 and burst["wakes"] == 1
+    assert 0 < burst["peak_rss_mib"] < 500
+
+
+def test_scale_reports_each_size(tiny_run):
+    _, results, _ = tiny_run
+    sizes = results["sections"]["scale"]["sizes"]
+    assert [s["services"] for s in sizes] == [1, 20]
+    for s in sizes:
+        assert s["startup_seconds"] > 0 and s["rss_mib_after"] > 5 and s["rps"] > 100
+    assert sizes[0]["rps_vs_smallest"] == 1.0
+
+
+def test_parse_compares_the_parsers(tiny_run):
+    _, results, _ = tiny_run
+    medians = results["sections"]["parse"]["median_seconds"]
+    assert {"c", "python", "h11", "httptools"} <= set(medians)
+    assert medians["c"] < medians["python"]
+
+
+def test_outputs_written(tiny_run):
+    out, results, stdout = tiny_run
+    assert sorted(results["plots"]) == sorted(p.name for p in out.glob("*.png"))
+    assert len(results["plots"]) == 2
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (md,) = out.glob("all-*.md")
+    text = md.read_text()
+    for heading in ("### steady", "### wake", "### burst", "### scale", "### parse"):
+        assert heading in text
+    assert "round 1/1" in stdout  # progress is shown

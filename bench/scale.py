@@ -2,7 +2,9 @@
 
 For each size: start-up time (process start to both listeners answering), RSS
 after start and after traffic, and steady-state throughput (wrk, 50
-connections) to one of the services, against the single-service figure.
+connections) to one of the services, against the single-service figure. All
+sizes run at once and the load rounds alternate between them, so drift of the
+host hits each size alike.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def scale(tmp: Path, sizes: list[int], duration: int, rounds: int, progress=prin
     server {{ listen 127.0.0.1:{backend_port} backlog=4096; location / {{ return 200 "ok"; }} }}"""))],
                     LOAD_CPU, tmp / "scale-backend.log")
     out = {"sizes": []}
+    running = []  # (n, port, proc, entry): every size up at once, so the load rounds can alternate
     try:
         wait_port(backend_port)
         for n in sizes:
@@ -43,23 +46,30 @@ def scale(tmp: Path, sizes: list[int], duration: int, rounds: int, progress=prin
             started = time.monotonic()
             proc = start([sys.executable, "-m", "controller.cli", "serve", "-c", str(conf), "--log-level", "warning"],
                          PROXY_CPU, tmp / f"scale-{n}.log")
-            try:
-                wait_port(port, timeout=120)
-                urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=30).read()
-                startup = time.monotonic() - started
-                rss_start = _rss_kib(proc.pid)
-                host = f"s{n - 1}.test"  # the last service: a lookup as deep as any
-                run_wrk(port, 50, 1, host=host)
-                rps = sorted(run_wrk(port, 50, duration, host=host)["rps"] for _ in range(rounds))
-                entry = {"services": n, "startup_seconds": startup, "rss_mib_start": rss_start / 1024,
-                         "rss_mib_after": _rss_kib(proc.pid) / 1024, "rps": rps[len(rps) // 2], "rps_runs": rps}
-                out["sizes"].append(entry)
-                progress(f"  scale {n:>6} services: start-up {startup:.2f} s, RSS {entry['rss_mib_after']:.1f} MiB,"
-                         f" {entry['rps']:.0f} req/s")
-            finally:
-                proc.terminate()
-                proc.wait(30)
+            running.append((n, port, proc, None))
+            wait_port(port, timeout=120)
+            urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=30).read()
+            entry = {"services": n, "startup_seconds": time.monotonic() - started,
+                     "rss_mib_start": _rss_kib(proc.pid) / 1024, "rps_runs": []}
+            running[-1] = (n, port, proc, entry)
+            out["sizes"].append(entry)
+            run_wrk(port, 50, 1, host=f"s{n - 1}.test")  # warm up
+        for rnd in range(rounds):
+            order = running[rnd % len(running):] + running[: rnd % len(running)]
+            for n, port, proc, entry in order:
+                # the last service: a lookup as deep as any
+                entry["rps_runs"].append(run_wrk(port, 50, duration, host=f"s{n - 1}.test")["rps"])
+        for n, port, proc, entry in running:
+            runs = sorted(entry["rps_runs"])
+            entry["rps"] = runs[len(runs) // 2]
+            entry["rss_mib_after"] = _rss_kib(proc.pid) / 1024
+            progress(f"  scale {n:>6} services: start-up {entry['startup_seconds']:.2f} s,"
+                     f" RSS {entry['rss_mib_after']:.1f} MiB, {entry['rps']:.0f} req/s")
     finally:
+        for _, _, proc, _ in running:
+            proc.terminate()
+        for _, _, proc, _ in running:
+            proc.wait(30)
         backend.terminate()
         backend.wait(10)
     base = out["sizes"][0]["rps"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -92,6 +93,10 @@ async def serve(config) -> int:
         print(f"wakegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_RUNTIME
     controller.start()
+    # Everything built so far (config, routes, services) lives as long as the process: keep it out of
+    # the garbage collector's full passes, which otherwise walk ~20 objects per configured service.
+    gc.collect()
+    gc.freeze()
     log.info(
         "wakegate %s listening on %s (admin %s), %d services, parser: %s",
         __version__,

@@ -47,6 +47,9 @@ class Controller:
                 max_queue=svc.max_queue,
                 pools=[pools[name]] if name in pools else [],
             )
+        self.holding: set[Service] = set()  # services with held requests: all the expiry tick visits
+        for service in self.services.values():
+            service.holding = self.holding
         timeouts = [s.wake_timeout for s in self.services.values()] or [1.0]
         self.tick = min(EXPIRE_TICK_MAX, min(timeouts) / 10)
         self._ticker: asyncio.TimerHandle | None = None
@@ -57,9 +60,10 @@ class Controller:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for service in self.services.values():
-            if service.queued:
-                service.expire_held(now)
+        for service in list(self.holding):
+            service.expire_held(now)
+            if not service.queue:
+                self.holding.discard(service)
         self._ticker = asyncio.get_running_loop().call_later(self.tick, self._expire)
 
     def snapshot(self) -> list[dict]:

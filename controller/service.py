@@ -135,6 +135,7 @@ class Service:
         self.max_queue = max_queue
         self.pools = list(pools)  # upstream pools to flush when the process goes away
         self.on_state = on_state  # observer (metrics, logs); never writes state
+        self.holding: set | None = None  # the controller's set of services with held requests
         self.state = READY if backend is None else ASLEEP
         self.queue: collections.deque[Lease] = collections.deque()
         self.queued = 0  # live leases in the queue (cancelled ones are skipped)
@@ -173,6 +174,8 @@ class Service:
         lease.held_at = time.monotonic()
         self.queue.append(lease)
         self.queued += 1
+        if self.holding is not None:
+            self.holding.add(self)  # so the expiry tick looks at this service, and only such services
         self._wake_supervisor()
         return lease
 

@@ -32,13 +32,15 @@ run: setup
 	$(PY) examples/demo.py
 
 # Debian packages the tests use for real: prometheus scrapes wakegate (tests/test_metrics.py);
-# wrk, nginx and haproxy run the tiny benchmark (tests/test_bench.py).
-TEST_PACKAGES := prometheus wrk nginx-light haproxy
+# wrk, nginx and haproxy run the tiny benchmark (tests/test_bench.py); QEMU, busybox and lz4
+# build and boot the microVM guest (tests/test_guest.py).
+TEST_PACKAGES := prometheus wrk nginx-light haproxy qemu-system-x86 busybox-static lz4
 test-deps:
 	@missing=""; \
-	for tool in prometheus wrk nginx haproxy; do \
+	for tool in prometheus wrk nginx haproxy qemu-system-x86_64 lz4; do \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
 	done; \
+	[ -x /bin/busybox ] || missing="$$missing busybox"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \

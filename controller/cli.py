@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p_check = sub.add_parser("check", help="validate a config and exit")
     p_check.add_argument("-c", "--config", required=True, help="path to the TOML config")
+    p_vm = sub.add_parser("microvm", help="microVM guest assets")
+    vm_sub = p_vm.add_subparsers(dest="microvm_command", required=True)
+    p_build = vm_sub.add_parser("build", help="build the demo guest (kernel + busybox initramfs) from Debian packages")
+    p_build.add_argument("--cache", default=".cache/guest", help="where the kernel and initramfs go")
     args = parser.parse_args(argv)
 
     if args.version:
@@ -148,6 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.config}: ok, {len(config.services)} services, listen {config.proxy.listen}, "
             f"admin {config.admin.listen} (parser: {_implementation()})"
         )
+        return 0
+    if args.command == "microvm":
+        from pathlib import Path
+
+        from .guest import GuestBuildError, build
+
+        try:
+            paths = build(Path(args.cache))
+        except GuestBuildError as exc:
+            print(f"wakegate: microvm build: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(f"kernel {paths['kernel']}\ninitrd {paths['initrd']}")
         return 0
     if args.command == "serve":
         config = _load_or_exit(args.config)

@@ -1,0 +1,85 @@
+"""A small QMP client (QEMU Machine Protocol: JSON lines over a Unix socket), asyncio, with a
+timeout on every call, so a VMM that hangs is detected instead of waited on forever.
+
+Our own rather than qemu.qmp: wakegate needs a handful of commands (stop, cont,
+migrate, query-migrate, query-status, quit), each bounded in time, on the event
+loop it already runs; qemu.qmp adds a dependency and a protocol layer for far more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import orjson
+
+QMP_TIMEOUT = 5.0  # per command; QMP answers in milliseconds unless the VMM is stuck
+
+
+class QMPError(Exception):
+    """QEMU answered with an error, or did not answer in time."""
+
+
+class QMP:
+    def __init__(self) -> None:
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.events: list[dict] = []
+        self._ids = itertools.count(1)
+
+    @classmethod
+    async def connect(cls, path: str, timeout: float = QMP_TIMEOUT) -> "QMP":
+        """Connect (retrying until QEMU has made the socket) and negotiate capabilities."""
+        qmp = cls()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                qmp.reader, qmp.writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if loop.time() > deadline:
+                    raise QMPError(f"no QMP socket at {path} after {timeout}s") from None
+                await asyncio.sleep(0.005)
+        greeting = await qmp._read(deadline - loop.time())
+        if "QMP" not in greeting:
+            raise QMPError(f"not a QMP greeting: {greeting}")
+        await qmp.execute("qmp_capabilities")
+        return qmp
+
+    async def _read(self, timeout: float) -> dict:
+        try:
+            line = await asyncio.wait_for(self.reader.readline(), max(timeout, 0.001))
+        except asyncio.TimeoutError:
+            raise QMPError(f"QEMU did not answer within {timeout:.1f}s") from None
+        if not line:
+            raise QMPError("QEMU closed the QMP connection")
+        return orjson.loads(line)
+
+    async def execute(self, command: str, arguments: dict | None = None, timeout: float = QMP_TIMEOUT):
+        """Run one command; its "return" value, or QMPError."""
+        ident = next(self._ids)
+        message = {"execute": command, "id": ident}
+        if arguments:
+            message["arguments"] = arguments
+        self.writer.write(orjson.dumps(message) + b"\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            reply = await self._read(deadline - loop.time())
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("id") != ident:
+                continue
+            if "error" in reply:
+                raise QMPError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass

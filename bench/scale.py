@@ -48,6 +48,7 @@ def scale(tmp: Path, sizes: list[int], duration: int, rounds: int, progress=prin
                          PROXY_CPU, tmp / f"scale-{n}.log")
             running.append((n, port, proc, None))
             wait_port(port, timeout=120)
+            wait_port(admin, timeout=120)  # the admin listener starts after the proxy's
             urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=30).read()
             entry = {"services": n, "startup_seconds": time.monotonic() - started,
                      "rss_mib_start": _rss_kib(proc.pid) / 1024, "rps_runs": []}

@@ -52,6 +52,8 @@ class QMP:
             line = await asyncio.wait_for(self.reader.readline(), max(timeout, 0.001))
         except asyncio.TimeoutError:
             raise QMPError(f"QEMU did not answer within {timeout:.1f}s") from None
+        except ConnectionError:
+            raise QMPError("QEMU closed the QMP connection") from None
         if not line:
             raise QMPError("QEMU closed the QMP connection")
         return orjson.loads(line)
@@ -62,7 +64,10 @@ class QMP:
         message = {"execute": command, "id": ident}
         if arguments:
             message["arguments"] = arguments
-        self.writer.write(orjson.dumps(message) + b"\n")
+        try:
+            self.writer.write(orjson.dumps(message) + b"\n")
+        except ConnectionError:
+            raise QMPError("QEMU closed the QMP connection") from None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -75,6 +80,15 @@ class QMP:
             if "error" in reply:
                 raise QMPError(f"{command}: {reply['error'].get('desc', reply['error'])}")
             return reply.get("return")
+
+    async def quit(self, timeout: float = QMP_TIMEOUT) -> None:
+        """Ask QEMU to exit; it may close the socket before (or instead of) answering."""
+        try:
+            await self.execute("quit", timeout=timeout)
+        except QMPError as exc:
+            if "closed" not in str(exc):
+                raise
+        await self.close()
 
     async def close(self) -> None:
         if self.writer is not None:

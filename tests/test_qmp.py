@@ -53,8 +53,7 @@ def test_snapshot_to_file_and_restore(built_guest, tmp_path):  # noqa: F811
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
         assert status == "completed"
-        await qmp.execute("quit")
-        await qmp.close()
+        await qmp.quit()
         procs[-1].wait(10)
         assert snapshot.stat().st_size > 10 << 20  # guest memory is in the file
 
@@ -72,8 +71,7 @@ def test_snapshot_to_file_and_restore(built_guest, tmp_path):  # noqa: F811
         restored = time.monotonic() - started
         assert restored < 20  # seen here: about 0.3 s
         assert "wakegate guest ready" not in (tmp_path / "restore.log").read_text()  # no second boot
-        await qmp.execute("quit")
-        await qmp.close()
+        await qmp.quit()
 
     try:
         asyncio.run(run())

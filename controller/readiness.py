@@ -21,7 +21,11 @@ MAX_PROBE_HEAD = 16 * 1024
 
 
 class NotReady(Exception):
-    """The service did not answer its readiness probe in time (or died trying)."""
+    """The service did not answer its readiness probe in time (``timed_out``), or died trying."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class _Probe(asyncio.Protocol):
@@ -172,7 +176,7 @@ async def probe_until_ready(host: str, port: int, path: str, deadline: float, ex
             raise NotReady(f"process exited with status {exited.result()} before it was ready")
         left = deadline - time.monotonic()
         if left <= 0:
-            raise NotReady(f"not ready before the deadline (last: {last})")
+            raise NotReady(f"not ready before the deadline (last: {last})", timed_out=True)
         try:
             status = await probe_once(host, port, path, min(attempt_timeout, left))
             if status < 500:

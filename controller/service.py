@@ -297,6 +297,10 @@ class Service:
             self._wake_failed(504, "wake timed out", started)
             return
         except Exception as exc:
+            if getattr(exc, "timed_out", False):  # the readiness probe reached the same deadline first
+                self._count(self.wake_results, "timeout")
+                self._wake_failed(504, "wake timed out", started)
+                return
             log.warning("service %s: wake failed: %s", self.name, exc)
             self._count(self.wake_results, "failed")
             self._wake_failed(503, f"wake failed: {exc}", started)

@@ -35,6 +35,8 @@ MAX_PIPELINE_BYTES = 64 * 1024  # client bytes read ahead of the current exchang
 MAX_PENDING_BODY_BYTES = 64 * 1024  # request body held while the upstream connects; same mark
 TICK_MIN, TICK_MAX = 0.01, 0.5  # deadline sweep period bounds, seconds
 
+_UNPARSED = object()  # "no parse result handed over" (None means: parsed, head incomplete)
+
 # Connection states
 S_HEAD, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED = range(6)
 
@@ -559,6 +561,7 @@ class ClientConnection(asyncio.Protocol):
     # ---- responses ----
 
     def upstream_data(self, data: bytes) -> None:
+        parsed = _UNPARSED
         if self.resp is None and not self.rbuf:
             self.t_first = perf_counter()
             # Fast path: a whole final response with a Content-Length body, in one read.
@@ -583,13 +586,14 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(out + data[resp.length :])
                 self._finish(True)
                 return
+            parsed = resp  # not the fast case: _response_head goes on from this parse, not a second one
         if self.state == S_TUNNEL:
             self.transport.write(data)
             self.deadline = self.loop.time() + self.limits.tunnel_timeout
             return
         resp = self.resp
         if resp is None:
-            self._response_head(data)
+            self._response_head(data, parsed)
             return
         self._wait_upstream()
         body_length = resp.body_length
@@ -615,20 +619,25 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
             self.bytes_out += n
 
-    def _response_head(self, data: bytes) -> None:
+    def _response_head(self, data: bytes, parsed=_UNPARSED) -> None:
+        """Parse response heads from data (parsed: the first one, if the caller already parsed it)."""
         req = self.req
         if self.rbuf:
             self.rbuf += data
             data = bytes(self.rbuf)
             self.rbuf.clear()
+            parsed = _UNPARSED
         pos = 0
         n = len(data)
         while True:
-            try:
-                resp = parse_response(data, pos, self.limits.max_head_size, req.is_head)
-            except ProtocolError as exc:
-                self._upstream_broken(f"invalid response head: {exc}", status=502)
-                return
+            if parsed is not _UNPARSED:
+                resp, parsed = parsed, _UNPARSED
+            else:
+                try:
+                    resp = parse_response(data, pos, self.limits.max_head_size, req.is_head)
+                except ProtocolError as exc:
+                    self._upstream_broken(f"invalid response head: {exc}", status=502)
+                    return
             if resp is None:
                 self.rbuf += data[pos:] if pos else data
                 self._wait_upstream()

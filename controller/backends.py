@@ -158,6 +158,39 @@ def choose_freezer(service: str, cgroup_root: Path = CGROUP_ROOT) -> Freezer:
     return SignalFreezer()
 
 
+def watch_exit(proc: subprocess.Popen, exited: asyncio.Future, loop, on_exit=None) -> None:
+    """Resolve ``exited`` with proc's status when it exits (then call ``on_exit(status)``).
+
+    A pidfd becomes readable when the process exits (Linux 5.3+); without one, poll.
+    """
+
+    def reap() -> bool:
+        if proc.poll() is None:
+            return False
+        if not exited.done():
+            exited.set_result(proc.returncode)
+        if on_exit is not None:
+            on_exit(proc.returncode)
+        return True
+
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        async def poll() -> None:
+            while not reap():
+                await asyncio.sleep(EXIT_POLL)
+
+        loop.create_task(poll())
+        return
+
+    def readable() -> None:
+        if reap():
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+    loop.add_reader(pidfd, readable)
+
+
 class ProcessBackend:
     """A command that serves HTTP on ``address``; sleeps by pausing or stopping it."""
 
@@ -245,35 +278,13 @@ class ProcessBackend:
         log.info("service %s: started pid %d: %s", self.name, proc.pid, " ".join(self.command))
 
     def _watch(self, proc: subprocess.Popen, exited: asyncio.Future, loop) -> None:
-        """Resolve exited when proc exits: a pidfd becomes readable then (Linux 5.3+), else poll."""
-
-        def reap() -> bool:
-            if proc.poll() is None:
-                return False
-            if not exited.done():
-                exited.set_result(proc.returncode)
+        def gone(returncode: int) -> None:
             if self.proc is proc:
                 self.frozen = False
                 if self.mode == "pause":
                     self.freezer.remove()
-            return True
 
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            async def poll() -> None:
-                while not reap():
-                    await asyncio.sleep(EXIT_POLL)
-
-            loop.create_task(poll())
-            return
-
-        def readable() -> None:
-            if reap():
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-
-        loop.add_reader(pidfd, readable)
+        watch_exit(proc, exited, loop, gone)
 
     async def sleep(self) -> None:
         if not self.running:

@@ -37,7 +37,7 @@ def build_router(config, controller=None):
     routes = {}
     for name, svc in config.services.items():
         no_wake = None
-        if svc.command and (svc.no_wake.paths or svc.no_wake.user_agents):
+        if svc.wakeable and (svc.no_wake.paths or svc.no_wake.user_agents):
             no_wake = (
                 tuple(p.encode() for p in svc.no_wake.paths),
                 tuple(a.encode() for a in svc.no_wake.user_agents),
@@ -120,6 +120,48 @@ async def serve(config) -> int:
     return 0
 
 
+def prepare_snapshot(config, name: str) -> int:
+    """``wakegate snapshot NAME``: the prepared snapshot a microVM service restores on every wake."""
+    svc = config.services.get(name)
+    if svc is None:
+        print(f"wakegate: {config.path}: no service {name!r}; known: {', '.join(sorted(config.services))}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if svc.microvm is None:
+        print(f"wakegate: {config.path}: services.{name}: not a microVM service (it has no [services.{name}.microvm])",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    import time
+
+    from .controller import make_backend
+    from .readiness import NotReady
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    backend = make_backend(svc)
+
+    async def run() -> dict:
+        started = time.monotonic()
+        try:
+            meta = await asyncio.wait_for(backend.prepare(started + svc.wake_timeout), svc.wake_timeout + 5)
+        finally:
+            await backend.stop()
+        meta["total_seconds"] = time.monotonic() - started
+        return meta
+
+    try:
+        meta = asyncio.run(run())
+    except (asyncio.TimeoutError, NotReady) as exc:
+        print(f"wakegate: snapshot {name}: the guest did not answer {svc.ready_path} within wake_timeout "
+              f"({svc.wake_timeout:g}s): {exc}; its console is in {backend.serial_log}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exception as exc:  # QMPError, RuntimeError, OSError: one line, no traceback
+        print(f"wakegate: snapshot {name}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"{backend.vmstate}: {meta['bytes'] / 1e6:.1f} MB, saved in {meta['save_seconds']:.3f}s "
+          f"({meta['total_seconds']:.1f}s with the boot)")
+    return 0
+
+
 def _load_or_exit(path: str):
     try:
         return load(path)
@@ -141,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     vm_sub = p_vm.add_subparsers(dest="microvm_command", required=True)
     p_build = vm_sub.add_parser("build", help="build the demo guest (kernel + busybox initramfs) from Debian packages")
     p_build.add_argument("--cache", default=".cache/guest", help="where the kernel and initramfs go")
+    p_snap = sub.add_parser("snapshot", help="prepare a microVM service's snapshot: boot, warm up, save")
+    p_snap.add_argument("service", help="the service's name in the config")
+    p_snap.add_argument("-c", "--config", required=True, help="path to the TOML config")
     args = parser.parse_args(argv)
 
     if args.version:
@@ -165,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_RUNTIME
         print(f"kernel {paths['kernel']}\ninitrd {paths['initrd']}")
         return 0
+    if args.command == "snapshot":
+        config = _load_or_exit(args.config)
+        return prepare_snapshot(config, args.service)
     if args.command == "serve":
         config = _load_or_exit(args.config)
         logging.basicConfig(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import shutil
 import tomllib
@@ -35,6 +36,15 @@ IDLE_TIMEOUT = 300.0  # idle time before a service with a command sleeps; Cloud 
 WAKE_TIMEOUT = 30.0  # held requests wait at most this for a wake; Knative's activator waits up to its 30 s probe timeout
 MAX_QUEUE = 10_000  # held requests per service; Knative activator's queue depth
 SLEEP_MODES = ("pause", "stop")
+MICROVM_SLEEP_MODES = ("snapshot", "pause")
+SNAPSHOT_POLICIES = ("stateful", "prepared")
+MICROVM_ACCELS = ("tcg", "kvm", "auto")
+MICROVM_MEMORY_MIN_MB = 80  # DESIGN.md: below 80 MB the Debian cloud kernel panics before /init runs
+MICROVM_MEMORY_DEFAULT_MB = 128  # the size DESIGN.md's restore times were measured with
+MICROVM_MEMORY_MAX_MB = 64 * 1024
+MICROVM_CPUS_MAX = 8
+MICROVM_SNAPSHOT_DIR = ".cache/snapshots"  # beside the config, like every relative path in it
+QEMU_BINARY = "qemu-system-x86_64"
 
 
 class ConfigError(Exception):
@@ -96,6 +106,22 @@ class NoWake:
 
 
 @dataclass(frozen=True)
+class MicroVMConfig:
+    """A QEMU microVM: what to boot, how big, and where its snapshots go (absolute paths)."""
+
+    kernel: str
+    initrd: str
+    guest_port: int = 80
+    memory_mb: int = MICROVM_MEMORY_DEFAULT_MB
+    cpus: int = 1
+    accel: str = "tcg"  # resolved: "auto" has become "tcg" or "kvm"
+    snapshot_dir: str = ""
+    qemu: str = QEMU_BINARY  # the binary, resolved on PATH
+    cmdline: str = ""  # appended to the kernel command line
+    warmup: tuple[str, ...] = ()  # paths requested after a cold boot, before the prepared snapshot
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     name: str
     hosts: tuple[str, ...]
@@ -110,6 +136,13 @@ class ServiceConfig:
     ready_path: str = "/"
     max_queue: int = MAX_QUEUE
     no_wake: NoWake = NoWake()
+    microvm: MicroVMConfig | None = None  # set: the service runs in a microVM, not as a command
+    snapshot_policy: str = "stateful"
+
+    @property
+    def wakeable(self) -> bool:
+        """Has something to wake (a command or a microVM); otherwise always up."""
+        return bool(self.command) or self.microvm is not None
 
 
 @dataclass(frozen=True)
@@ -291,62 +324,169 @@ def _check_path(reader: _Reader, path: str) -> str:
     return path
 
 
-def _lifecycle(r: _Reader, path: str) -> dict:
-    """The keys that make a service sleep and wake."""
+def _beside(path: str, value: str) -> Path:
+    """Relative paths in a config mean: beside the config file."""
+    return Path(value) if Path(value).is_absolute() else Path(path).resolve().parent / value
+
+
+def _command(r: _Reader, path: str, command) -> dict:
+    out: dict = {}
+    if isinstance(command, str) or not isinstance(command, list) or not command or not all(
+        isinstance(c, str) and c for c in command
+    ):
+        raise r.error("command", 'expected a non-empty list of strings, like ["python3", "app.py"]')
+    out["command"] = tuple(command)
+    cwd = r.get("cwd")
+    if cwd is not None:
+        if not isinstance(cwd, str):
+            raise r.error("cwd", f"expected a string, got {_kind(cwd)}")
+        cwd_path = _beside(path, cwd)
+        if not cwd_path.is_dir():
+            raise r.error("cwd", f"{cwd!r} is not a directory")
+        out["cwd"] = str(cwd_path)
+    else:
+        out["cwd"] = str(Path(path).resolve().parent)  # relative paths mean: beside the config
+    exe = command[0]
+    if "/" in exe:
+        if not (Path(exe) if Path(exe).is_absolute() else Path(out["cwd"]) / exe).exists():
+            raise r.error("command", f"{exe!r} does not exist")
+    elif shutil.which(exe) is None:
+        raise r.error("command", f"{exe!r} is not on PATH")
+    env = r.get("env")
+    if env is not None:
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise r.error("env", 'expected a table of strings, like { PORT = "9001" }')
+        out["env"] = dict(env)
+    return out
+
+
+def _writable_dir(folder: Path) -> bool:
+    """folder is, or can be made, a writable directory."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def _microvm(v: _Reader, path: str, upstream: Address, upstream_reader: _Reader) -> MicroVMConfig:
+    from .guest import kvm_usable
+
+    try:
+        ipaddress.IPv4Address(upstream.host)
+    except ValueError:
+        raise upstream_reader.error(
+            "upstream", f"a microVM's upstream is the host end of its port forward: an IPv4 address like "
+            f'"127.0.0.1:{upstream.port}", got {str(upstream)!r}'
+        ) from None
+    if upstream.port == 0:
+        raise upstream_reader.error("upstream", "a microVM needs a fixed port to forward, not 0")
+    files = {}
+    for key, required in (("kernel", True), ("initrd", False)):
+        value = v.get(key)
+        if value is None:
+            if required:
+                raise v.error(key, "missing; the guest kernel (an uncompressed vmlinux). "
+                              "`wakegate microvm build` makes a demo guest in .cache/guest")
+            files[key] = ""
+            continue
+        if not isinstance(value, str) or not value:
+            raise v.error(key, f"expected a file path, got {_kind(value)} {value!r}")
+        file = _beside(path, value)
+        if not file.is_file():
+            raise v.error(key, f"{str(file)!r} does not exist; `wakegate microvm build` makes a demo guest "
+                          "in .cache/guest")
+        files[key] = str(file)
+    qemu = v.string("qemu", QEMU_BINARY)
+    found = shutil.which(qemu) if "/" not in qemu else (str(_beside(path, qemu)) if _beside(path, qemu).exists() else None)
+    if found is None:
+        raise v.error("qemu", f"{qemu!r} is not on PATH; install it with: apt-get install qemu-system-x86")
+    accel = v.string("accel", "tcg")
+    if accel not in MICROVM_ACCELS:
+        raise v.error("accel", f'expected "tcg", "kvm" or "auto", got {accel!r}')
+    if accel == "kvm" and not kvm_usable():
+        raise v.error("accel", '"kvm" needs a readable and writable /dev/kvm on a CPU with vmx or svm; '
+                      'use "tcg" (emulation) or "auto"')
+    if accel == "auto":
+        accel = "kvm" if kvm_usable() else "tcg"
+    snapshot_dir = _beside(path, v.string("snapshot_dir", MICROVM_SNAPSHOT_DIR))
+    if not _writable_dir(snapshot_dir):
+        raise v.error("snapshot_dir", f"{str(snapshot_dir)!r} is not a directory wakegate can write to")
+    warmup = tuple(_check_path(v, p) for p in v.strings("warmup")) if v.has("warmup") else ()
+    cmdline = v.string("cmdline", "")
+    if not cmdline.isprintable():
+        raise v.error("cmdline", "must be printable text on one line")
+    return MicroVMConfig(
+        kernel=files["kernel"],
+        initrd=files["initrd"],
+        guest_port=v.integer("guest_port", 80, 1, 65535),
+        memory_mb=v.integer("memory_mb", MICROVM_MEMORY_DEFAULT_MB, MICROVM_MEMORY_MIN_MB, MICROVM_MEMORY_MAX_MB),
+        cpus=v.integer("cpus", 1, 1, MICROVM_CPUS_MAX),
+        accel=accel,
+        snapshot_dir=str(snapshot_dir),
+        qemu=found,
+        cmdline=cmdline,
+        warmup=warmup,
+    )
+
+
+_WAKE_KEYS = ("cwd", "env", "sleep", "snapshot_policy", "idle_timeout", "wake_timeout", "max_queue", "ready_path",
+              "no_wake")
+
+
+def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
+    """The keys that make a service sleep and wake: a command or a microVM, and when and how."""
     out: dict = {}
     command = r.get("command")
+    if command is not None and r.has("microvm"):
+        r.get("microvm")
+        raise r.error("microvm", "a service has either a command or a microvm table, not both")
     if command is not None:
-        if isinstance(command, str) or not isinstance(command, list) or not command or not all(
-            isinstance(c, str) and c for c in command
-        ):
-            raise r.error("command", 'expected a non-empty list of strings, like ["python3", "app.py"]')
-        out["command"] = tuple(command)
-        cwd = r.get("cwd")
-        if cwd is not None:
-            if not isinstance(cwd, str):
-                raise r.error("cwd", f"expected a string, got {_kind(cwd)}")
-            cwd_path = Path(cwd) if Path(cwd).is_absolute() else Path(path).resolve().parent / cwd
-            if not cwd_path.is_dir():
-                raise r.error("cwd", f"{cwd!r} is not a directory")
-            out["cwd"] = str(cwd_path)
-        else:
-            out["cwd"] = str(Path(path).resolve().parent)  # relative paths mean: beside the config
-        exe = command[0]
-        base = Path(out.get("cwd") or Path(path).resolve().parent)
-        if "/" in exe:
-            if not (Path(exe) if Path(exe).is_absolute() else base / exe).exists():
-                raise r.error("command", f"{exe!r} does not exist")
-        elif shutil.which(exe) is None:
-            raise r.error("command", f"{exe!r} is not on PATH")
-        env = r.get("env")
-        if env is not None:
-            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-                raise r.error("env", 'expected a table of strings, like { PORT = "9001" }')
-            out["env"] = dict(env)
-        sleep = r.string("sleep", "stop")
-        if sleep not in SLEEP_MODES:
-            raise r.error("sleep", f'expected "pause" or "stop", got {sleep!r}')
-        out["sleep"] = sleep
-        out["idle_timeout"] = r.duration("idle_timeout", IDLE_TIMEOUT)
-        out["wake_timeout"] = r.duration("wake_timeout", WAKE_TIMEOUT)
-        out["max_queue"] = r.integer("max_queue", MAX_QUEUE, 1, 1_000_000)
-        ready_path = r.string("ready_path", "/")
-        if not ready_path.startswith("/") or not ready_path.isprintable() or " " in ready_path:
-            raise r.error("ready_path", f'expected a path like "/" or "/healthz", got {ready_path!r}')
-        out["ready_path"] = ready_path
-        w = r.sub("no_wake")
-        no_wake = NoWake(
-            paths=tuple(_check_path(w, p) for p in w.strings("paths")),
-            user_agents=tuple(w.strings("user_agents")),
-            status=w.integer("status", 503, 200, 599),
-        )
-        w.finish()
-        out["no_wake"] = no_wake
-    else:
-        for key in ("cwd", "env", "sleep", "idle_timeout", "wake_timeout", "max_queue", "ready_path", "no_wake"):
+        out.update(_command(r, path, command))
+        modes = SLEEP_MODES
+    elif r.has("microvm"):
+        vm = r.sub("microvm")
+        out["microvm"] = _microvm(vm, path, upstream, r)
+        vm.finish()
+        modes = MICROVM_SLEEP_MODES
+        for key in ("cwd", "env"):
             if r.has(key):
                 r.get(key)
-                raise r.error(key, "only applies to a service with a command (one wakegate can wake)")
+                raise r.error(key, "only applies to a service with a command, not to a microVM")
+    else:
+        for key in _WAKE_KEYS:
+            if r.has(key):
+                r.get(key)
+                raise r.error(key, "only applies to a service with a command or a microvm table (one wakegate "
+                              "can wake)")
+        return out
+    sleep = r.string("sleep", modes[0] if command is None else "stop")
+    if sleep not in modes:
+        quoted = " or ".join(f'"{m}"' for m in modes)
+        raise r.error("sleep", f"expected {quoted}, got {sleep!r}")
+    out["sleep"] = sleep
+    if r.has("snapshot_policy"):
+        policy = r.string("snapshot_policy", "stateful")
+        if sleep != "snapshot":
+            raise r.error("snapshot_policy", 'only applies to a microVM with sleep = "snapshot"')
+        if policy not in SNAPSHOT_POLICIES:
+            raise r.error("snapshot_policy", f'expected "stateful" or "prepared", got {policy!r}')
+        out["snapshot_policy"] = policy
+    out["idle_timeout"] = r.duration("idle_timeout", IDLE_TIMEOUT)
+    out["wake_timeout"] = r.duration("wake_timeout", WAKE_TIMEOUT)
+    out["max_queue"] = r.integer("max_queue", MAX_QUEUE, 1, 1_000_000)
+    ready_path = r.string("ready_path", "/")
+    if not ready_path.startswith("/") or not ready_path.isprintable() or " " in ready_path:
+        raise r.error("ready_path", f'expected a path like "/" or "/healthz", got {ready_path!r}')
+    out["ready_path"] = ready_path
+    w = r.sub("no_wake")
+    out["no_wake"] = NoWake(
+        paths=tuple(_check_path(w, p) for p in w.strings("paths")),
+        user_agents=tuple(w.strings("user_agents")),
+        status=w.integer("status", 503, 200, 599),
+    )
+    w.finish()
     return out
 
 
@@ -417,7 +557,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         if not hosts and name != proxy.default_service:
             raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"]')
         upstream = r.address("upstream")
-        lifecycle = _lifecycle(r, path)
+        lifecycle = _lifecycle(r, path, upstream)
         r.finish()
         for host in hosts:
             for prefix in paths or ("",):

@@ -18,31 +18,34 @@ log = logging.getLogger("wakegate.controller")
 EXPIRE_TICK_MAX = 0.1  # how often held requests are checked against wake_timeout, at most
 
 
+def make_backend(svc):
+    """The backend a service config asks for: a process, a microVM, or None (always up)."""
+    if svc.microvm is not None:
+        from .microvm import MicroVMBackend
+
+        return MicroVMBackend(svc.name, svc.microvm, mode=svc.sleep, policy=svc.snapshot_policy,
+                              host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
+                              ready_timeout=svc.wake_timeout)
+    if svc.command:
+        return ProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, mode=svc.sleep,
+                              host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
+                              ready_timeout=svc.wake_timeout)
+    return None
+
+
 class Controller:
     def __init__(self, config, pools: dict) -> None:
         """pools: service name -> the proxy's UpstreamPool for it."""
         self.config = config
         self.services: dict[str, Service] = {}
         for name, svc in config.services.items():
-            backend = None
-            if svc.command:
-                backend = ProcessBackend(
-                    name,
-                    list(svc.command),
-                    cwd=svc.cwd,
-                    env=svc.env,
-                    mode=svc.sleep,
-                    host=svc.upstream.host,
-                    port=svc.upstream.port,
-                    ready_path=svc.ready_path,
-                    ready_timeout=svc.wake_timeout,
-                )
-                if name in pools:
-                    backend.pools = [pools[name]]
+            backend = make_backend(svc)
+            if backend is not None and name in pools:
+                backend.pools = [pools[name]]
             self.services[name] = Service(
                 name,
                 backend,
-                idle_timeout=svc.idle_timeout if svc.command else None,
+                idle_timeout=svc.idle_timeout if backend is not None else None,
                 wake_timeout=svc.wake_timeout,
                 max_queue=svc.max_queue,
                 pools=[pools[name]] if name in pools else [],
@@ -90,6 +93,16 @@ class Controller:
                     "pid": backend.proc.pid if backend and backend.running else None,
                 }
             )
+            if hasattr(backend, "boots"):  # a microVM
+                out[-1]["microvm"] = {
+                    "policy": backend.policy,
+                    "boots": dict(backend.boots),
+                    "last_wake_kind": backend.last_wake_kind,
+                    "snapshot": str(backend.vmstate) if backend.snapshot_bytes else None,
+                    "snapshot_bytes": backend.snapshot_bytes,
+                    "last_save_ms": None if backend.last_save_seconds is None
+                    else round(backend.last_save_seconds * 1e3, 3),
+                }
         return out
 
     async def close(self) -> None:

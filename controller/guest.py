@@ -8,6 +8,7 @@ on port 80. Nothing built here is committed; it lives in the cache folder.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import lzma
 import os
@@ -24,6 +25,8 @@ BUSYBOX = Path("/bin/busybox")  # from busybox-static
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net")
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
+# /init. /cgi-bin/count keeps a counter in guest memory: a stateful snapshot keeps it, a prepared one
+# forgets it, which is how the tests tell the two policies apart.
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -33,8 +36,15 @@ for m in {modules}; do insmod /lib/modules/$m.ko; done
 ifconfig lo 127.0.0.1 up
 ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up
 route add default gw 10.0.2.2
-mkdir -p /www
+mkdir -p /www/cgi-bin /tmp
 echo "hello from the microVM guest" > /www/index.html
+cat > /www/cgi-bin/count <<'EOF'
+#!/bin/sh
+n=$(( $(cat /tmp/count 2>/dev/null || echo 0) + 1 ))
+echo $n > /tmp/count
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' $n
+EOF
+chmod 755 /www/cgi-bin/count
 echo "wakegate guest ready"
 exec httpd -f -p 80 -h /www
 """
@@ -129,8 +139,9 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 def build(cache: Path, modules: tuple[str, ...] = MODULES) -> dict[str, Path]:
     """Build (or reuse) the guest in cache: {"kernel": vmlinux, "initrd": initramfs.cpio}."""
     cache.mkdir(parents=True, exist_ok=True)
-    kernel, initrd = cache / "vmlinux", cache / "initramfs.cpio"
-    if kernel.exists() and initrd.exists():
+    kernel, initrd, stamp = cache / "vmlinux", cache / "initramfs.cpio", cache / "guest-version"
+    version = hashlib.sha256((INIT + " ".join(modules)).encode()).hexdigest()[:16]
+    if kernel.exists() and initrd.exists() and stamp.exists() and stamp.read_text().strip() == version:
         return {"kernel": kernel, "initrd": initrd}
     if not BUSYBOX.exists():
         raise GuestBuildError(f"{BUSYBOX} is missing: apt-get install busybox-static")
@@ -164,6 +175,7 @@ def build(cache: Path, modules: tuple[str, ...] = MODULES) -> dict[str, Path]:
         kernel.with_suffix(".tmp").replace(kernel)
         initrd.with_suffix(".tmp").replace(initrd)
     (cache / "kernel-package").write_text(package + "\n")
+    stamp.write_text(version + "\n")  # an /init or module change rebuilds the guest
     return {"kernel": kernel, "initrd": initrd}
 
 
@@ -173,6 +185,20 @@ def host_khz() -> int:
         if line.startswith("cpu MHz"):
             return int(float(line.split(":")[1]) * 1000)
     return 2_000_000
+
+
+def kvm_usable(device: Path = Path("/dev/kvm")) -> bool:
+    """KVM can run a guest here: the device opens read-write and the CPU says vmx or svm.
+
+    The CPU flag matters: some hosts expose /dev/kvm without hardware virtualisation
+    (nested or emulated), and a stock kernel then never boots (DESIGN.md).
+    """
+    if not os.access(device, os.R_OK | os.W_OK):
+        return False
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return bool({"vmx", "svm"} & set(line.split(":", 1)[1].split()))
+    return False
 
 
 def has_qemu() -> bool:

@@ -9,11 +9,14 @@ loop it already runs; qemu.qmp adds a dependency and a protocol layer for far mo
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import socket
 
 import orjson
 
 QMP_TIMEOUT = 5.0  # per command; QMP answers in milliseconds unless the VMM is stuck
+EVENTS_KEPT = 64  # the most recent asynchronous events (STOP, RESUME, ...) kept for inspection
 
 
 class QMPError(Exception):
@@ -24,7 +27,7 @@ class QMP:
     def __init__(self) -> None:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.events: list[dict] = []
+        self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self._ids = itertools.count(1)
 
     @classmethod
@@ -41,11 +44,25 @@ class QMP:
                 if loop.time() > deadline:
                     raise QMPError(f"no QMP socket at {path} after {timeout}s") from None
                 await asyncio.sleep(0.005)
-        greeting = await qmp._read(deadline - loop.time())
+        await qmp._negotiate(deadline - loop.time())
+        return qmp
+
+    @classmethod
+    async def from_socket(cls, sock: socket.socket, timeout: float = QMP_TIMEOUT) -> "QMP":
+        """Speak QMP over a connected socket, e.g. our end of a socketpair whose other end QEMU got
+        with ``-chardev socket,fd=N``: no socket file, no connect retries."""
+        qmp = cls()
+        qmp.reader, qmp.writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        await qmp._negotiate(timeout)
+        return qmp
+
+    async def _negotiate(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        greeting = await self._read(timeout)
         if "QMP" not in greeting:
             raise QMPError(f"not a QMP greeting: {greeting}")
-        await qmp.execute("qmp_capabilities")
-        return qmp
+        await self.execute("qmp_capabilities", timeout=max(deadline - loop.time(), 0.001))
 
     async def _read(self, timeout: float) -> dict:
         try:

@@ -166,10 +166,11 @@ async def probe_pooled(pool, host: str, path: str, timeout: float) -> int | None
         raise
 
 
-async def probe_until_ready(host: str, port: int, path: str, deadline: float, exited: asyncio.Future | None = None) -> int:
+async def probe_until_ready(host: str, port: int, path: str, deadline: float, exited: asyncio.Future | None = None,
+                            first_attempt: float = ATTEMPT_FIRST) -> int:
     """Probe until a status below 500 (returned), the deadline, or the process exits (NotReady)."""
     pause = RETRY_FIRST
-    attempt_timeout = ATTEMPT_FIRST
+    attempt_timeout = first_attempt
     last = "no attempt"
     while True:
         if exited is not None and exited.done():

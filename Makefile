@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-c test-python setup build system-deps test-deps bench-parse bench clean
+.PHONY: run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean
 
 # Debian packages the build needs: venv, a compiler and the Python headers.
 system-deps:
@@ -28,8 +28,22 @@ build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import proxy._speedups, proxy.http11 as h; assert h.IMPLEMENTATION == 'c', h.IMPLEMENTATION"
 
-run: setup
+run: setup guest
 	$(PY) examples/demo.py
+
+# QEMU, busybox and lz4 for the microVM service (config.example.toml's `vm`), from Debian's packages.
+VM_PACKAGES := qemu-system-x86 busybox-static lz4
+vm-deps:
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v lz4 >/dev/null || [ ! -x /bin/busybox ] \
+	    || ! command -v setpriv >/dev/null; then \
+	  echo "installing $(VM_PACKAGES) with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(VM_PACKAGES) util-linux >/dev/null; \
+	fi
+
+# The demo microVM guest (kernel + busybox initramfs) in .cache/guest; nothing of it is committed.
+guest: setup vm-deps
+	$(PY) -m controller.cli microvm build --cache .cache/guest
 
 # Debian packages the tests use for real: prometheus scrapes wakegate (tests/test_metrics.py);
 # wrk, nginx and haproxy run the tiny benchmark (tests/test_bench.py); QEMU, busybox and lz4
@@ -47,7 +61,7 @@ test-deps:
 	fi
 
 # The whole suite against the C extension, then against the pure-Python twin.
-test: setup test-deps test-c test-python
+test: setup test-deps guest test-c test-python
 
 test-c:
 	$(PY) -m pytest

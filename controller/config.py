@@ -318,9 +318,9 @@ def _check_host_pattern(reader: _Reader, pattern: str) -> str:
     )
 
 
-def _check_path(reader: _Reader, path: str) -> str:
+def _check_path(reader: _Reader, path: str, key: str = "paths") -> str:
     if not path.startswith("/") or any(c in path for c in " ?#") or not path.isprintable():
-        raise reader.error("paths", f'{path!r} is not a path prefix; prefixes start with "/", like "/api"')
+        raise reader.error(key, f'{path!r} is not a path; paths start with "/", like "/api"')
     return path
 
 
@@ -413,7 +413,7 @@ def _microvm(v: _Reader, path: str, upstream: Address, upstream_reader: _Reader)
     snapshot_dir = _beside(path, v.string("snapshot_dir", MICROVM_SNAPSHOT_DIR))
     if not _writable_dir(snapshot_dir):
         raise v.error("snapshot_dir", f"{str(snapshot_dir)!r} is not a directory wakegate can write to")
-    warmup = tuple(_check_path(v, p) for p in v.strings("warmup")) if v.has("warmup") else ()
+    warmup = tuple(_check_path(v, p, "warmup") for p in v.strings("warmup"))
     cmdline = v.string("cmdline", "")
     if not cmdline.isprintable():
         raise v.error("cmdline", "must be printable text on one line")

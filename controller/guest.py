@@ -64,11 +64,22 @@ def _run(cmd: list[str], cwd: Path | None = None) -> bytes:
 
 
 def kernel_package() -> str:
-    """The concrete kernel package behind the metapackage, e.g. linux-image-6.1.0-56-cloud-amd64."""
-    for line in _run(["apt-cache", "depends", KERNEL_META]).decode().splitlines():
-        line = line.strip()
-        if line.startswith("Depends:") and "linux-image-" in line:
-            return line.split()[1]
+    """The concrete kernel package behind the metapackage, e.g. linux-image-6.1.0-56-cloud-amd64.
+
+    A machine whose package lists were never fetched (or were cleaned, as in container images)
+    knows no such package: as root, fetch them once and ask again.
+    """
+    for attempt in range(2):
+        try:
+            text = _run(["apt-cache", "depends", KERNEL_META]).decode()
+        except GuestBuildError:
+            text = ""
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("Depends:") and "linux-image-" in line:
+                return line.split()[1]
+        if attempt == 0 and os.geteuid() == 0:
+            _run(["apt-get", "update", "-qq"])
     raise GuestBuildError(f"apt-cache depends {KERNEL_META} names no kernel (run apt-get update first)")
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import orjson
 
+from proxy.metrics import Histogram
+
 from .backends import watch_exit
 from .guest import host_khz
 from .qmp import QMP, QMPError
@@ -43,6 +45,7 @@ QUIT_GRACE = 5.0  # after quit or SIGTERM, QEMU gets this long before SIGKILL (P
 # catching up); a shorter attempt would only be abandoned and start that wait again.
 RESTORE_FIRST_ATTEMPT = ATTEMPT_MAX
 SNAPSHOT_FORMAT = 1  # bump when the files' layout or the QEMU arguments change incompatibly
+EXIT_WAIT = 1.0  # after QEMU closes QMP at start-up, how long to wait for its exit status
 STDERR_TAIL = 400  # characters of QEMU's stderr quoted when it fails
 
 
@@ -82,6 +85,7 @@ class MicroVMBackend:
         self.last_wake_kind: str | None = None
         self.boots = {"cold": 0, "restore": 0, "cont": 0}
         self.saves = 0
+        self.save_seconds = Histogram()
         self.snapshot_bytes = self.vmstate.stat().st_size if self.vmstate.exists() else 0
         self._launcher = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 
@@ -197,9 +201,11 @@ class MicroVMBackend:
             self.qmp = await QMP.from_socket(ours)
         except QMPError as exc:
             ours.close()
-            if proc.poll() is None:
-                raise
-            raise RuntimeError(self._exit_reason()) from exc
+            try:  # QEMU closing the channel usually means it is exiting: say why it did
+                await asyncio.wait_for(asyncio.shield(exited), EXIT_WAIT)
+            except asyncio.TimeoutError:
+                raise exc from None
+            raise RuntimeError(self._exit_reason()) from None
 
     async def _restore(self, meta: dict, deadline: float) -> None:
         """A new QEMU loads the snapshot (-incoming fd: no shell, no pipe copy), then cont."""
@@ -273,6 +279,7 @@ class MicroVMBackend:
         tmp_meta.replace(self.meta)
         self.snapshot_bytes = size
         self.last_save_seconds = seconds
+        self.save_seconds.observe(seconds)
         self.saves += 1
         log.info("service %s: snapshot written: %s, %.1f MB in %.3fs", self.name, self.vmstate, size / 1e6, seconds)
         if keep_running:
@@ -282,23 +289,25 @@ class MicroVMBackend:
         return meta
 
     async def _quit(self) -> None:
-        """Ask QEMU to exit over QMP, then make sure: SIGTERM, SIGKILL."""
+        """Ask QEMU to exit over QMP; if it does not answer (hung), or does not exit, signal it."""
         proc = self.proc
         if proc is None:
             return
+        answered = False
         if self.qmp is not None and proc.poll() is None:
             try:
                 await self.qmp.quit(timeout=QUIT_TIMEOUT)
+                answered = True
             except QMPError:
                 pass
-        await self._reap(proc)
-
-    async def _reap(self, proc: subprocess.Popen) -> None:
         exited = self.exited()
-        for sig, wait in ((None, QUIT_GRACE), (signal.SIGTERM, 1.0), (signal.SIGKILL, None)):
+        steps = ((None, QUIT_GRACE),) if answered else ()
+        for sig, wait in steps + ((signal.SIGTERM, 1.0), (signal.SIGKILL, None)):
             if proc.poll() is not None:
                 break
             if sig is not None:
+                if sig == signal.SIGKILL or answered:
+                    log.warning("service %s: QEMU pid %d did not exit; sending %s", self.name, proc.pid, sig.name)
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
@@ -307,8 +316,7 @@ class MicroVMBackend:
                 await asyncio.wait_for(asyncio.shield(exited), wait)
                 break
             except asyncio.TimeoutError:
-                log.warning("service %s: QEMU pid %d still running; %s", self.name, proc.pid,
-                            "sending SIGTERM" if sig is None else "sending SIGKILL")
+                pass
         if self.qmp is not None:
             await self.qmp.close()
             self.qmp = None

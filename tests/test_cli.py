@@ -27,7 +27,7 @@ def test_version_names_the_parser():
 def test_check_example_config():
     result = wakegate("check", "-c", "config.example.toml")
     assert result.returncode == 0, result.stderr
-    assert "ok, 3 services" in result.stdout and PARSER in result.stdout
+    assert "ok, 4 services" in result.stdout and PARSER in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,12 @@ def test_serve_port_in_use(tmp_path):
 def test_no_command_prints_help():
     result = wakegate()
     assert result.returncode == 2 and "serve" in result.stderr
+
+
+@pytest.mark.parametrize("service,needle", [("nope", "no service 'nope'"), ("a", "not a microVM service")])
+def test_snapshot_refuses_what_it_cannot_snapshot(tmp_path, service, needle):
+    path = tmp_path / "c.toml"
+    path.write_text('[services.a]\nhosts = ["a"]\nupstream = "127.0.0.1:1"\n')
+    result = wakegate("snapshot", service, "-c", str(path))
+    assert result.returncode == 2 and needle in result.stderr and str(path) in result.stderr
+    assert "Traceback" not in result.stderr

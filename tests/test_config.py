@@ -69,6 +69,7 @@ def test_parse_address(value, ok):
     assert (parse_address(value) is not None) == ok
 
 
+VM = '[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:9010"\n'
 BAD = [
     # text appended to a minimal valid config or replacing it, expected key, expected words
     ('[proxy]\nlisten = "nowhere"\n', "proxy.listen", "host:port"),
@@ -115,6 +116,34 @@ BAD = [
     ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nsleep = "pause"\n', "services.x.sleep",
      "only applies to a service with a command"),
     ('[admin]\ntoken = 5\n', "admin.token", "expected a string"),
+] + [  # microVM services; /bin/sh stands in for a kernel file where the file is not the point
+    (VM + line + ("" if "[services.x.microvm]" in line else '[services.x.microvm]\nkernel = "/bin/sh"\n'), key, words)
+    for line, key, words in [
+        ('command = ["sh"]\n', "services.x.microvm", "not both"),
+        ('cwd = "/"\n', "services.x.cwd", "not to a microVM"),
+        ('sleep = "stop"\n', "services.x.sleep", '"snapshot" or "pause"'),
+        ('sleep = "pause"\nsnapshot_policy = "prepared"\n', "services.x.snapshot_policy", 'sleep = "snapshot"'),
+        ('snapshot_policy = "sometimes"\n', "services.x.snapshot_policy", '"stateful" or "prepared"'),
+        ('[services.x.microvm]\ninitrd = "/bin/sh"\n', "services.x.microvm.kernel", "microvm build"),
+        ('[services.x.microvm]\nkernel = "/no/vmlinux"\n', "services.x.microvm.kernel", "does not exist"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\ninitrd = "missing.cpio"\n', "services.x.microvm.initrd",
+         "does not exist"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\nqemu = "no-such-qemu"\n', "services.x.microvm.qemu",
+         "apt-get install qemu-system-x86"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\nmemory_mb = 64\n', "services.x.microvm.memory_mb",
+         "between 80"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\naccel = "xen"\n', "services.x.microvm.accel", '"tcg", "kvm"'),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\nguest_port = 0\n', "services.x.microvm.guest_port", "between"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\nsnapshot_dir = "/dev/null/snapshots"\n',
+         "services.x.microvm.snapshot_dir", "can write"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\nwarmup = ["x"]\n', "services.x.microvm.warmup", "path"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\ndisk = "a.img"\n', "services.x.microvm.disk", "unknown key"),
+    ]
+] + [
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "[::1]:9010"\n[services.x.microvm]\nkernel = "/bin/sh"\n',
+     "services.x.upstream", "IPv4"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nsnapshot_policy = "prepared"\n',
+     "services.x.snapshot_policy", "or a microvm table"),
 ]
 
 MINIMAL = '[services.ok]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:9001"\n'
@@ -141,6 +170,25 @@ def test_service_with_command(tmp_path):
     assert (w.no_wake.paths, w.no_wake.user_agents, w.no_wake.status) == (("/healthz",), ("kube-probe",), 204)
     assert w.max_queue == 10_000 and w.ready_path == "/"
     assert load(write(tmp_path, GOOD)).services["app"].command == ()
+
+
+def test_microvm_service(tmp_path, monkeypatch):
+    (tmp_path / "guest").mkdir()
+    (tmp_path / "guest" / "vmlinux").write_bytes(b"\x7fELF")
+    text = GOOD + '[services.vm]\nhosts = ["vm.example"]\nupstream = "127.0.0.1:9010"\nsnapshot_policy = "prepared"\n' \
+        '[services.vm.microvm]\nkernel = "guest/vmlinux"\nmemory_mb = 96\nwarmup = ["/", "/api"]\naccel = "auto"\n'
+    monkeypatch.setattr("controller.guest.kvm_usable", lambda: False)
+    vm = load(write(tmp_path, text)).services["vm"]
+    assert vm.wakeable and vm.sleep == "snapshot" and vm.snapshot_policy == "prepared"
+    assert vm.microvm.kernel == str(tmp_path / "guest" / "vmlinux") and vm.microvm.initrd == ""
+    assert vm.microvm.memory_mb == 96 and vm.microvm.accel == "tcg" and vm.microvm.warmup == ("/", "/api")
+    assert vm.microvm.snapshot_dir == str(tmp_path / ".cache" / "snapshots")  # beside the config
+    assert vm.microvm.qemu.endswith("qemu-system-x86_64") and vm.microvm.guest_port == 80
+    monkeypatch.setattr("controller.guest.kvm_usable", lambda: True)
+    assert load(write(tmp_path, text)).services["vm"].microvm.accel == "kvm"
+    monkeypatch.setattr("controller.guest.kvm_usable", lambda: False)
+    with pytest.raises(ConfigError, match=r"services.vm.microvm.accel: .*/dev/kvm"):
+        load(write(tmp_path, text.replace('"auto"', '"kvm"')))
 
 
 def test_no_services(tmp_path):

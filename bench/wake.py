@@ -1,8 +1,10 @@
 """Wake benchmarks: what the first request to a sleeping service costs, and a 10,000-request burst.
 
 ``wake``: per sleep mode, the latency of a request to an awake service, then of
-the first request after the service was put to sleep, over many cycles; and
-for ``stop`` the process's own start-up time measured without wakegate.
+the first request after the service was put to sleep, over many cycles; and a
+baseline without wakegate in the same cycle: for ``stop`` the process's own
+start-up, for ``snapshot`` a bare restore of the same microVM snapshot (QEMU
+launched with ``-incoming``, state loaded, ``cont``, the guest answering).
 ``burst``: N concurrent connections each send one request to a sleeping
 service; every answer is counted, and wakegate's peak RSS read from /proc.
 """
@@ -13,6 +15,7 @@ import asyncio
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "examples" / "backend.py"
+GUEST_CACHE = ROOT / ".cache" / "guest"  # make test and make run build the demo guest here
+SLEEP_MODES = ("pause", "stop", "snapshot")
 sys.path.insert(0, str(ROOT))
 
 from controller.readiness import probe_once  # noqa: E402
@@ -36,14 +41,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def microvm_unavailable() -> str | None:
+    """Why the snapshot mode cannot run here, or None."""
+    from controller import guest
+
+    if not guest.has_qemu():
+        return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+    try:
+        guest.build(GUEST_CACHE)
+    except guest.GuestBuildError as exc:
+        return f"the demo guest cannot be built: {exc}"
+    return None
+
+
 class Gate:
-    """A wakegate process with one service that has a command."""
+    """A wakegate process with one service: a command (pause, stop) or a microVM (snapshot)."""
 
     def __init__(self, tmp: Path, mode: str, idle: str = "1h", extra_proxy: str = "") -> None:
         self.mode = mode
         self.port, self.admin_port, self.backend_port = _free_port(), _free_port(), _free_port()
+        self.snapshot_dir = tmp / "snapshots"
+        self.path = "/" if mode == "snapshot" else "/hello"
         cfg = tmp / f"wake-{mode}.toml"
         command = json.dumps([sys.executable, str(BACKEND), "--port", str(self.backend_port)])
+        if mode == "snapshot":  # the demo guest; the first request cold-boots and prepares the snapshot
+            how = (f'snapshot_policy = "prepared"\n[services.svc.microvm]\nkernel = "{GUEST_CACHE / "vmlinux"}"\n'
+                   f'initrd = "{GUEST_CACHE / "initramfs.cpio"}"\nsnapshot_dir = "{self.snapshot_dir}"\n')
+        else:
+            how = f"command = {command}\n"
         cfg.write_text(
             f"""[proxy]
 listen = "127.0.0.1:{self.port}"
@@ -51,15 +76,16 @@ upstream_timeout = "120s"
 {extra_proxy}
 [admin]
 listen = "127.0.0.1:{self.admin_port}"
+[log]
+server_timing = true
 [services.svc]
 hosts = ["svc.test"]
 upstream = "127.0.0.1:{self.backend_port}"
-command = {command}
 sleep = "{mode}"
 idle_timeout = "{idle}"
 wake_timeout = "60s"
 max_queue = 100000
-"""
+{how}"""
         )
         self.log = open(tmp / f"wake-{mode}.log", "wb")
         self.proc = subprocess.Popen(
@@ -139,13 +165,20 @@ class _KeepAlive:
         return self
 
     async def request(self, path: str = "/hello") -> tuple[int, float]:
+        """(status, seconds); ``self.exchange`` is the upstream part (connect + head sent to first byte)
+        from wakegate's Server-Timing header."""
         started = time.perf_counter()
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: svc.test\r\n\r\n".encode())
         head = await self.reader.readuntil(b"\r\n\r\n")
         length = 0
+        self.exchange = 0.0
         for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
+            lower = line.lower()
+            if lower.startswith(b"content-length:"):
                 length = int(line.split(b":")[1])
+            elif lower.startswith(b"server-timing:"):
+                parts = dict(item.strip().split(b";dur=") for item in line[14:].split(b","))
+                self.exchange = (float(parts.get(b"connect", 0)) + float(parts.get(b"upstream", 0))) / 1e3
         await self.reader.readexactly(length)
         return int(head[9:12]), time.perf_counter() - started
 
@@ -153,32 +186,97 @@ class _KeepAlive:
 async def _wake_cycles(gate: "Gate", cycles: int, progress) -> tuple[list, list, list, list]:
     loop = asyncio.get_running_loop()
     client = await _KeepAlive().open(gate.port)
-    await client.request()  # first start, not counted
-    for _ in range(20):  # warm up
-        await client.request()
-    awake, first, resume, ready, startup = [], [], [], [], []
+    await client.request(gate.path)  # first start, not counted
+    for _ in range(20 if gate.mode != "snapshot" else 5):  # warm up
+        await client.request(gate.path)
+    awake, first, resume, ready, startup, exchange = [], [], [], [], [], []
     for i in range(cycles):
-        awake.append(min([(await client.request())[1] for _ in range(3)]))  # awake, just before this cycle
+        awake.append(min([(await client.request(gate.path))[1] for _ in range(3)]))  # awake, just before this cycle
         if gate.mode == "stop":  # and the process's own start-up, without wakegate, just before too
             startup.append(await loop.run_in_executor(None, _startup_once))
         await loop.run_in_executor(None, gate.put_to_sleep)
-        status, elapsed = await client.request()
+        if gate.mode == "snapshot":  # a bare restore of the same snapshot while wakegate's VM is gone
+            startup.append(await loop.run_in_executor(None, _bare_restore, gate.snapshot_dir, gate.backend_port))
+        status, elapsed = await client.request(gate.path)
         if status != 200:
             raise RuntimeError(f"wake answered {status}")
         s = await loop.run_in_executor(None, gate.service)
         first.append(elapsed)
+        exchange.append(client.exchange)
         resume.append(s["last_resume_ms"] / 1e3)
         ready.append(s["last_ready_ms"] / 1e3)
         if (i + 1) % 10 == 0:
             progress(f"  wake {gate.mode}: {i + 1}/{cycles}")
-    return awake, first, resume, ready, startup
+    return awake, first, resume, ready, startup, exchange
+
+
+def _bare_restore(snapshot_dir: Path, port: int, name: str = "svc") -> tuple[float, float]:
+    """QEMU's own restore, without wakegate: launch with -incoming on the snapshot, poll query-status
+    every millisecond until loaded, cont, then one GET with a long timeout until the guest answers.
+    Returns (launch to cont done, cont done to the first answer) in seconds."""
+    meta = json.loads((snapshot_dir / f"{name}.json").read_bytes())
+    ours, theirs = socket.socketpair()
+    fd = os.open(snapshot_dir / f"{name}.vmstate", os.O_RDONLY)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [*meta["argv"], "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control",
+         "-serial", "null", "-incoming", f"fd:{fd}"],
+        pass_fds=(theirs.fileno(), fd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    theirs.close()
+    os.close(fd)
+    qmp = ours.makefile("rwb")
+
+    def execute(command: str) -> dict:
+        qmp.write(json.dumps({"execute": command}).encode() + b"\n")
+        qmp.flush()
+        while True:
+            reply = json.loads(qmp.readline())
+            if "event" not in reply:
+                return reply.get("return", reply)
+
+    try:
+        ours.settimeout(30)
+        qmp.readline()  # greeting
+        execute("qmp_capabilities")
+        while execute("query-status").get("status") != "paused":
+            if time.monotonic() - started > 30:
+                raise TimeoutError("bare restore: the snapshot did not load")
+            time.sleep(0.001)
+        execute("cont")
+        resumed = time.monotonic()
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                    conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    conn.settimeout(5)
+                    if conn.recv(12).startswith(b"HTTP/1."):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - resumed > 30:
+                raise TimeoutError("bare restore: the guest did not answer")
+            time.sleep(0.001)
+        answered = time.monotonic()
+        return resumed - started, answered - resumed
+    finally:
+        try:
+            execute("quit")
+        except (OSError, ValueError):
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        ours.close()
 
 
 def wake_mode(mode: str, cycles: int, progress=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="wakegate-wake-") as tmp:
         gate = Gate(Path(tmp), mode)
         try:
-            awake, first, resume, ready, startup = asyncio.run(_wake_cycles(gate, cycles, progress))
+            awake, first, resume, ready, startup, exchange = asyncio.run(_wake_cycles(gate, cycles, progress))
         finally:
             gate.stop()
     result = {"mode": mode, "awake": _ms(awake), "first_request": _ms(first), "backend_resume": _ms(resume),
@@ -186,9 +284,20 @@ def wake_mode(mode: str, cycles: int, progress=print) -> dict:
     # Each cycle against the awake request measured right before it: drift between cycles cancels out.
     result["added_over_awake"] = _ms([f - a for f, a in zip(first, awake)])
     result["wakegate_overhead"] = _ms([f - a - r - q for f, a, r, q in zip(first, awake, resume, ready)])
+    # The same without the awake subtraction: the first request less the backend's resume, the readiness
+    # wait, and the held request's own exchange with the service (connect + upstream, from Server-Timing).
+    result["held_exchange"] = _ms(exchange)
+    result["wakegate_own"] = _ms([f - r - q - x for f, r, q, x in zip(first, resume, ready, exchange)])
     if mode == "stop":
         result["process_startup"] = _ms(startup)
         result["added_over_startup"] = _ms([f - a - u for f, a, u in zip(first, awake, startup)])
+    if mode == "snapshot":
+        totals = [launch + answer for launch, answer in startup]
+        result["bare_restore"] = {"launch_to_cont": _ms([x[0] for x in startup]),
+                                  "cont_to_answer": _ms([x[1] for x in startup]), "total": _ms(totals)}
+        # What wakegate adds on top of QEMU's own restore, cycle by cycle: the first request through
+        # wakegate, less an awake request (the held request still has to be served), less the bare restore.
+        result["added_over_bare_restore"] = _ms([f - a - t for f, a, t in zip(first, awake, totals)])
     return result
 
 

@@ -41,13 +41,17 @@ def test_steady_compares_four_targets(tiny_run):
 def test_wake_splits_the_first_request(tiny_run):
     _, results, _ = tiny_run
     modes = {m["mode"]: m for m in results["sections"]["wake"]["modes"]}
-    assert set(modes) == {"pause", "stop"}
+    assert set(modes) == {"pause", "stop", "snapshot"}, results["sections"]["wake"]["not_measured"]
     for m in modes.values():
-        assert m["first_request"]["n"] == 3
+        assert m["first_request"]["n"] == (2 if m["mode"] == "snapshot" else 3)
         assert m["first_request"]["p50"] > m["awake"]["p50"] > 0
         assert m["backend_resume"]["p50"] > 0 and m["readiness_wait"]["p50"] > 0
+        assert 0 < m["wakegate_own"]["p50"] < m["first_request"]["p50"]
     assert modes["stop"]["process_startup"]["p50"] > 10  # a Python process takes tens of ms to start
-    assert "snapshot" in results["sections"]["wake"]["not_measured"]
+    bare = modes["snapshot"]["bare_restore"]  # QEMU's own restore, measured without wakegate
+    assert bare["launch_to_cont"]["p50"] > 5 and bare["cont_to_answer"]["p50"] > 0
+    assert modes["snapshot"]["backend_resume"]["p50"] > 5  # a new QEMU loading tens of MB
+    assert not results["sections"]["wake"]["not_measured"]
 
 
 def test_burst_answers_everyone_with_one_wake(tiny_run):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import orjson
 import pytest
 
 from controller.config import MicroVMConfig, from_dict
+from controller.controller import make_backend
 from controller.microvm import MicroVMBackend
 
 from .conftest import ROOT, Client, free_port
@@ -278,10 +280,7 @@ def test_hung_vmm_on_sleep_is_killed(built_guest, tmp_path, start_wakegate):  # 
 def test_corrupt_snapshot_falls_back_to_a_cold_boot(built_guest, tmp_path, start_wakegate):  # noqa: F811
     port = free_port()
     config = vm_config(built_guest, tmp_path, port, policy="stateful")
-    svc = from_dict(__import__("tomllib").loads(config), str(tmp_path / "x.toml")).services["vm"]
-    from controller.controller import make_backend
-
-    b = make_backend(svc)
+    b = make_backend(from_dict(tomllib.loads(config), str(tmp_path / "x.toml")).services["vm"])
     b.vmstate.parent.mkdir(parents=True)
     b.vmstate.write_bytes(b"\0garbage, not a QEMU migration stream" * 1000)
     b.meta.write_bytes(orjson.dumps({"fingerprint": b.fingerprint(), "argv": b.machine_args()}))

@@ -316,3 +316,31 @@ def test_failed_vmm_answers_held_requests(built_guest, tmp_path, start_wakegate,
     while subprocess.run(["pgrep", "-f", str(fake)], capture_output=True).stdout and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not subprocess.run(["pgrep", "-f", str(fake)], capture_output=True).stdout
+
+
+def test_vmm_killed_during_a_wake_answers_held_requests(built_guest, tmp_path, start_wakegate):  # noqa: F811
+    """A real QEMU dies while the guest boots: the held requests get 503 with Retry-After at once
+    (not at wake_timeout), the service is FAILED, and the next request after the backoff boots it."""
+    import threading
+
+    port = free_port()
+    w = start_wakegate(vm_config(built_guest, tmp_path, port, wake="60s"))
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(get(w, timeout=30))) for _ in range(3)]
+    for c in clients:
+        c.start()
+    deadline = time.monotonic() + 30
+    while not (pid := service(w)["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    for c in clients:
+        c.join(30)
+    assert time.monotonic() - started < 10
+    assert [r.status for r in results] == [503, 503, 503]
+    assert all(r.header(b"retry-after") for r in results)
+    s = service(w)
+    assert s["state"] == "failed" and s["queued"] == 0 and s["failures"] == 1
+    assert "QEMU exited" in w.output()
+    time.sleep(1.5)  # the first backoff is 1 s
+    assert get(w).body == HELLO

@@ -5,6 +5,9 @@ runs when the extension is missing or ``WAKEGATE_PUREPYTHON=1`` is set. Bytes in
 objects out: nothing here knows about sockets or asyncio.
 """
 
+import math
+import re
+
 from .errors import ProtocolError
 
 MAX_HEAD_BYTES = 16 * 1024  # h11 and node: 16 KiB; longer heads get 431
@@ -581,3 +584,47 @@ class ChunkedScanner:
                     state = _TRAILER
         self._state = state
         return i - start
+
+
+# ---- access log lines ----------------------------------------------------------------
+
+# Bytes a JSON string cannot hold as they are: quote, backslash, control bytes, and from 0x7f up
+# (written as \u00XX, as the extension does).
+_JSON_UNSAFE = re.compile(rb'["\\\x00-\x1f\x7f-\xff]')
+ACCESS_NUMBER_MAX = 1e12  # numbers outside [0, this) are written as 0 (the extension's rule)
+_ACCESS_LINE = (
+    b'{"time":%d.%06d,"service":"%s","method":"%s","path":"%s","status":%d,"bytes_in":%d,"bytes_out":%d,'
+    b'"ms":{"total":%d.%03d,"queue":%d.%03d,"connect":%d.%03d,"upstream":%d.%03d},"woke":%s,"client":"%s"}\n'
+)
+
+
+def _json_escape(s: bytes) -> bytes:
+    if not _JSON_UNSAFE.search(s):
+        return s
+    return _JSON_UNSAFE.sub(
+        lambda m: b"\\" + m.group() if m.group() in (b'"', b"\\") else b"\\u00%02x" % m.group()[0], s
+    )
+
+
+def _micros(value) -> int:
+    """Whole microseconds of a number of seconds, rounded half up; 0 outside [0, ACCESS_NUMBER_MAX)."""
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"append_access_line(): a number is needed, not {type(value).__name__}")
+    value = float(value)
+    return math.floor(value * 1e6 + 0.5) if 0.0 <= value < ACCESS_NUMBER_MAX else 0
+
+
+def append_access_line(buffer, time, service, method, target, status, bytes_in, bytes_out, total, queue, connect,
+                       upstream, woke, client) -> int:
+    """Append one access log line (JSON) to buffer; the buffer's new length."""
+    if not isinstance(buffer, bytearray):
+        raise TypeError("append_access_line(): buffer must be a bytearray")
+    if not all(isinstance(s, bytes) for s in (service, method, target, client)):
+        raise TypeError("append_access_line(): service, method, target and client are bytes")
+    buffer += _ACCESS_LINE % (
+        *divmod(_micros(time), 1_000_000), _json_escape(service), _json_escape(method), _json_escape(target),
+        int(status), int(bytes_in), int(bytes_out), *divmod(_micros(total), 1000), *divmod(_micros(queue), 1000),
+        *divmod(_micros(connect), 1000), *divmod(_micros(upstream), 1000), b"true" if woke else b"false",
+        _json_escape(client),
+    )
+    return len(buffer)

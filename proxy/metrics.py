@@ -2,7 +2,7 @@
 and the access log. Exposition (Prometheus text) is the controller's job, at scrape time.
 
 Recording a request costs a few list and dict updates; the access log formats
-its JSON line (orjson) into a buffer that is handed every 100 ms to a writer
+its JSON line (append_access_line, in C) into a buffer that is handed every 100 ms to a writer
 thread, which does the disk I/O, so the event loop never blocks on it.
 """
 
@@ -15,7 +15,7 @@ import threading
 import time
 from bisect import bisect_left
 
-import orjson
+from .http11 import append_access_line
 
 log = logging.getLogger("wakegate.metrics")
 
@@ -93,6 +93,13 @@ CLIENT_ERROR_REASONS = {
 }
 
 
+# One access log line; milliseconds with three decimals, the time with microseconds.
+_ACCESS_LINE = (
+    b'{"time":%.6f,"service":%s,"method":"%s","path":"%s","status":%d,"bytes_in":%d,"bytes_out":%d,'
+    b'"ms":{"total":%.3f,"queue":%.3f,"connect":%.3f,"upstream":%.3f},"woke":%s,"client":"%s"}\n'
+)
+
+
 class AccessLog:
     """One JSON line per request to a file or stdout, written by a thread, never by the loop."""
 
@@ -105,6 +112,8 @@ class AccessLog:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.queued_lines = 0
         self._lock = threading.Lock()
+        self._names: dict[str, bytes] = {}  # service name -> its bytes
+        self._names: dict[str, bytes] = {}  # service name -> its JSON string
         # monotonic -> wall clock, taken once: a request costs no time.time() call
         self.wall_offset = time.time() - time.perf_counter()
         if target == "-":
@@ -120,30 +129,19 @@ class AccessLog:
 
     def add(self, end, service, method, target, status, bytes_in, bytes_out, total, queue_s, connect, upstream,
             woke, client) -> None:
-        """Format one line now (a few hundred bytes appended; no object kept per request)."""
-        self.buffer += orjson.dumps(
-            {
-                "time": end + self.wall_offset,
-                "service": service,
-                "method": method.decode("latin-1"),
-                "path": target.decode("latin-1"),
-                "status": status,
-                "bytes_in": bytes_in,
-                "bytes_out": bytes_out,
-                # int(us) / 1000: milliseconds with three decimals, far cheaper than round()
-                "ms": {
-                    "total": int(total * 1e6) / 1000,
-                    "queue": int(queue_s * 1e6) / 1000,
-                    "connect": int(connect * 1e6) / 1000,
-                    "upstream": int(upstream * 1e6) / 1000,
-                },
-                "woke": woke,
-                "client": client,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        """Format one line now (a few hundred bytes appended; no object kept per request).
+
+        The line is written by ``append_access_line`` (C, with a twin): callgrind counted ~14,700
+        instructions per line for a dict through orjson in a live process, and more for a bytes
+        template (float formatting), which was most of the access log's cost.
+        """
+        name = self._names.get(service)
+        if name is None:
+            name = self._names[service] = service.encode()
+        size = append_access_line(self.buffer, end + self.wall_offset, name, method, target, status, bytes_in,
+                                  bytes_out, total, queue_s, connect, upstream, woke, client)
         self.lines += 1
-        if len(self.buffer) > ACCESS_FLUSH_BYTES:
+        if size > ACCESS_FLUSH_BYTES:
             self.flush()
 
     def _flush(self) -> None:

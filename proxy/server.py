@@ -853,7 +853,7 @@ class ClientConnection(asyncio.Protocol):
         if access is not None:
             access.add(end, route.name, req.method, req.target, status, req.length + self.req_body_seen,
                        self.bytes_out, total, self.queue_s, self.connect_s, upstream, self.t_held != 0.0,
-                       self.client_host)
+                       self.client_addr)
         self.req = None
 
     def _count_client_error(self, status: int) -> None:

@@ -537,3 +537,50 @@ def test_invalid_requests_rejected_like_h11(http11, data, how):
 
 def head_line(data):
     return data.split(b"\r\n", 1)[0]
+
+
+# ---- access log lines ------------------------------------------------------------
+
+ACCESS_LINES = [  # (time, service, method, target, status, in, out, total, queue, connect, upstream, woke, client)
+    ((1795349158.465476, b"svc", b"GET", b"/hello", 200, 39, 55, 0.0152381, 0.0, 0.000123, 0.0143729, False,
+      b"127.0.0.1"),
+     {"time": 1795349158.465476, "path": "/hello", "status": 200, "woke": False,
+      "ms": {"total": 15.238, "queue": 0.0, "connect": 0.123, "upstream": 14.373}}),
+    ((1.5, b"a", b"POST", b'/q?x="1"&y=\\', 404, 0, 0, 0.0005, 2.0, 0.0, 0.0000004, True, b"::1"),
+     {"path": '/q?x="1"&y=\\', "ms": {"total": 0.5, "queue": 2000.0, "connect": 0.0, "upstream": 0.0}, "woke": True}),
+    ((0.0, b"s", b"GET", b"/\x01\x7f\xff", 431, 1, 2, 0.0, 0.0, 0.0, 0.0, False, b"c"),
+     {"path": "/\x01\x7f\xff", "time": 0.0}),  # bytes the parser refuses still give valid JSON
+    ((float("nan"), b"s", b"GET", b"/", 200, 0, 0, float("inf"), -1.0, 1e13, 0.0, False, b"c"),
+     {"time": 0.0, "ms": {"total": 0.0, "queue": 0.0, "connect": 0.0, "upstream": 0.0}}),  # out of range: 0
+    ((5.0, b"s", b"GET", b"/", -1, 2**63 - 1, -(2**63), 0.0, 0.0, 0.0, 0.0, False, b"c"),
+     {"status": -1, "bytes_in": 2**63 - 1, "bytes_out": -(2**63)}),
+]
+
+
+@pytest.mark.parametrize("args,expected", ACCESS_LINES)
+def test_access_line_is_json_and_matches_the_twin(http11, args, expected):
+    import orjson
+
+    buffer = bytearray(b"earlier line\n")
+    size = http11.append_access_line(buffer, *args)
+    assert size == len(buffer) and buffer.startswith(b"earlier line\n") and buffer.endswith(b"}\n")
+    line = bytes(buffer[13:])
+    record = orjson.loads(line)
+    for key, value in expected.items():
+        assert record[key] == value, key
+    assert record["service"] == args[1].decode() and record["client"] == args[12].decode()
+    twin = bytearray(b"earlier line\n")
+    _native.append_access_line(twin, *args)
+    assert twin == buffer  # byte for byte, whichever implementation wrote it
+
+
+@pytest.mark.parametrize("bad", [
+    lambda a: ("not a bytearray",) + a[1:],
+    lambda a: a[:2] + ("svc",) + a[3:],  # str, not bytes
+    lambda a: a[:1] + ("soon",) + a[2:],  # not a number
+    lambda a: a[:13],  # too few arguments
+])
+def test_access_line_refuses_wrong_types(http11, bad):
+    args = (bytearray(),) + ACCESS_LINES[0][0]
+    with pytest.raises(TypeError):
+        http11.append_access_line(*bad(args))

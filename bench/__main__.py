@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PROXY_CPU, LOAD_CPU = "0", "1"
-DEBIAN_TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
+DEBIAN_TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy", "valgrind": "valgrind"}
 HOST = "bench.test"
 
 
@@ -410,6 +410,16 @@ def markdown(results: dict) -> str:
         s = results["metrics_scrape"]
         lines += ["", f"GET /metrics with {s['services']} services ({s['with_traffic']} with traffic): "
                   f"p50 {s['p50_ms']:.1f} ms, max {s['max_ms']:.1f} ms, {s['bytes']} bytes"]
+        counted = results.get("instructions", {})
+        if "per_request" in counted:
+            lines += ["", f"Instructions per request (callgrind, user space, {counted['requests']} keep-alive requests "
+                      "after warm-up; steadier than wall time here):", "",
+                      "| variant | instructions per request | vs bare |", "| --- | --- | --- |"]
+            for name, value in counted["per_request"].items():
+                vs = f"+{counted['vs_bare'][name] * 100:.1f}%" if name in counted["vs_bare"] else "-"
+                lines.append(f"| {name} | {value:,.0f} | {vs} |")
+        elif counted:
+            lines += ["", f"Instructions not counted: {counted['not_measured']}."]
         return "\n".join(lines) + "\n"
     if results["scenario"] == "wake":
         lines = ["| mode | awake p50 ms | first request p50 ms (p99) | added p50 ms | backend resume/start p50 ms |"
@@ -505,6 +515,15 @@ def run(args) -> dict:
             section = steady(args, measure_cost=name == "measure")
             if name == "measure":
                 section["metrics_scrape"] = metrics_scrape_times(100 if args.tiny else 1000)
+                from . import instructions
+
+                why = instructions.available()
+                if why:
+                    print(f"bench: instructions not counted: {why}", flush=True)
+                    section["instructions"] = {"not_measured": why}
+                else:
+                    section["instructions"] = instructions.per_request(200 if args.tiny else 2000,
+                                                                       50 if args.tiny else 200)
         elif name == "wake":
             from . import wake
 

@@ -88,3 +88,16 @@ def test_outputs_written(tiny_run):
     for heading in ("### steady", "### wake", "### burst", "### scale", "### parse"):
         assert heading in text
     assert "round 1/1" in stdout  # progress is shown
+
+
+def test_measure_counts_instructions(tmp_path):
+    """`bench measure` in tiny mode: wall-time costs, the /metrics scrape, and callgrind's count of
+    instructions per request, which must rank the variants as their work does."""
+    result = subprocess.run([sys.executable, "-m", "bench", "measure", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("measure-*.json")
+    section = json.loads(path.read_text())["sections"]["measure"]
+    counted = section["instructions"]["per_request"]
+    assert 5_000 < counted["bare"] < counted["metrics"] < counted["metrics + access log"] < 10 * counted["bare"]
+    assert "Instructions per request" in (tmp_path / path.name.replace(".json", ".md")).read_text()

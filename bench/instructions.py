@@ -1,0 +1,136 @@
+"""Instructions per request, counted by callgrind: the cost of a request path that wall time on a
+shared host cannot resolve to a few percent.
+
+wakegate runs under ``valgrind --tool=callgrind``; after a warm-up the counters are zeroed
+(``callgrind_control -z``), a fixed number of keep-alive requests is sent, and the counters are
+dumped (``-d``). User-space instructions only: the kernel's share (syscalls) is not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND = ROOT / "examples" / "backend.py"
+CONNECTIONS = 10  # keep-alive connections the requests are spread over
+START_TIMEOUT = 300.0  # Python starting under callgrind takes tens of seconds on these hosts
+VARIANTS = {  # name -> the [log] and [metrics] tables
+    "bare": '[log]\naccess = ""\n[metrics]\nenabled = false\n',
+    "metrics": '[log]\naccess = ""\n[metrics]\nenabled = true\n',
+    "metrics + access log": '[log]\naccess = "{log}"\n[metrics]\nenabled = true\n',
+}
+
+
+def available() -> str | None:
+    """Why instructions cannot be counted here, or None."""
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (apt-get install valgrind)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port} after {timeout:.0f}s")
+
+
+def _requests(port: int, n: int) -> None:
+    """n GETs over CONNECTIONS keep-alive connections, one in flight per connection."""
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(CONNECTIONS)]
+    try:
+        for _ in range(max(1, n // CONNECTIONS)):
+            for c in conns:
+                c.sendall(b"GET /hello HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+            for c in conns:
+                data = b""
+                while True:
+                    data += c.recv(65536)
+                    head, sep, body = data.partition(b"\r\n\r\n")
+                    if not sep:
+                        continue
+                    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), 0)
+                    if len(body) >= length:
+                        break
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"unexpected answer: {head[:40]!r}")
+    finally:
+        for c in conns:
+            c.close()
+
+
+def _count(tmp: Path, name: str, table: str, backend_port: int, requests: int, warmup: int) -> float:
+    port, admin = _free_port(), _free_port()
+    config = tmp / f"{name.replace(' ', '-').replace('+', 'and')}.toml"
+    config.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
+                      + table.format(log=tmp / "access.log")
+                      + f'[services.svc]\nhosts = ["svc.test"]\nupstream = "127.0.0.1:{backend_port}"\n')
+    out = tmp / f"callgrind.{config.stem}"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "controller.cli",
+         "serve", "-c", str(config), "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait(port, proc, START_TIMEOUT)
+        _requests(port, warmup)
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True, timeout=60)
+        _requests(port, requests)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    dumps = sorted(tmp.glob(f"{out.name}.*"))
+    if not dumps:
+        raise RuntimeError(f"callgrind wrote no dump for {name}")
+    for line in dumps[0].read_text(errors="replace").splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1]) / (max(1, requests // CONNECTIONS) * CONNECTIONS)
+    raise RuntimeError(f"no summary line in {dumps[0]}")
+
+
+def per_request(requests: int = 2000, warmup: int = 200, progress=print) -> dict:
+    """{variant: instructions per request} for bare, metrics, and metrics + access log."""
+    with tempfile.TemporaryDirectory(prefix="wakegate-instructions-") as tmp:
+        backend_port = _free_port()
+        backend = subprocess.Popen([sys.executable, str(BACKEND), "--port", str(backend_port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait(backend_port, backend, 30)
+            counts = {}
+            for name, table in VARIANTS.items():
+                counts[name] = _count(Path(tmp), name, table, backend_port, requests, warmup)
+                progress(f"  instructions: {name}: {counts[name]:,.0f} per request")
+        finally:
+            backend.kill()
+            backend.wait()
+    bare = counts["bare"]
+    return {"requests": requests, "per_request": counts,
+            "vs_bare": {name: value / bare - 1 for name, value in counts.items() if name != "bare"},
+            "parser": os.environ.get("WAKEGATE_PUREPYTHON") and "pure Python" or "C extension"}

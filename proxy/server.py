@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from bisect import bisect_left
 from time import perf_counter
 
 from .http11 import (
@@ -24,7 +25,7 @@ from .http11 import (
 )
 from controller.service import READY, Refused
 
-from .metrics import CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
+from .metrics import BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
 from .routing import Router
 from .upstream import UpstreamConnection, UpstreamPool
 
@@ -842,9 +843,15 @@ class ClientConnection(asyncio.Protocol):
             stats = route.stats
             codes = stats.codes
             codes[status] = codes.get(status, 0) + 1
-            stats.duration.observe(total)
+            # Histogram.observe inlined for the two every request records (a method call each is
+            # ~10% of the metrics' cost in callgrind's count).
+            hist = stats.duration
+            hist.counts[bisect_left(BUCKETS, total)] += 1
+            hist.sum += total
             if upstream:
-                stats.upstream.observe(upstream)
+                hist = stats.upstream
+                hist.counts[bisect_left(BUCKETS, upstream)] += 1
+                hist.sum += upstream
             if self.t_held:
                 stats.queue.observe(self.queue_s)
             if self.connect_s:

@@ -12,10 +12,7 @@ import argparse
 import json
 import os
 import platform
-import re
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,49 +21,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .common import (
+    HOST,
+    LOAD_CPU,
+    PROXY_CPU,
+    ROOT,
+    cpu_seconds,
+    ensure_tools,
+    free_port,
+    nginx_conf,
+    run_wrk,
+    start,
+    tool,
+    wait_port,
+    worker_pid,
+)
+
 RESULTS = ROOT / "bench" / "results"
-PROXY_CPU, LOAD_CPU = "0", "1"
-DEBIAN_TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy", "valgrind": "valgrind"}
-HOST = "bench.test"
-
-
-def ensure_tools() -> None:
-    missing = [pkg for tool, pkg in DEBIAN_TOOLS.items() if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists()]
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        sys.exit(f"bench: missing {', '.join(missing)}; install them with: sudo apt-get install {' '.join(missing)}")
-    print(f"bench: installing {' '.join(missing)} with apt-get", flush=True)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
-def tool(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU of a process and its threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -75,39 +46,6 @@ class Target:
     port: int
     proc: subprocess.Popen | None = None  # the process whose CPU is charged to the target
     runs: list[dict] = field(default_factory=list)
-
-
-def nginx_conf(tmp: Path, name: str, body: str) -> Path:
-    conf = tmp / f"{name}.conf"
-    conf.write_text(
-        f"""worker_processes 1;
-daemon off;
-pid {tmp}/{name}.pid;
-error_log {tmp}/{name}.error.log warn;
-events {{ worker_connections 20000; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/{name}-body;
-    proxy_temp_path {tmp}/{name}-proxy;
-    keepalive_requests 1000000;
-{body}
-}}
-"""
-    )
-    return conf
-
-
-def start(cmd: list[str], cpu: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-
-
-def worker_pid(master: subprocess.Popen) -> int:
-    """nginx's single worker (the process doing the work), or the process itself."""
-    try:
-        children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
-        return int(children[0]) if children else master.pid
-    except OSError:
-        return master.pid
 
 
 def start_wakegate(tmp: Path, name: str, backend_port: int, extra: str = "") -> tuple[int, subprocess.Popen]:
@@ -222,38 +160,6 @@ backend be
         Target("haproxy", hap_port, hap),
     ]
     return targets, procs
-
-
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
-
-
-def _seconds(text: str) -> float:
-    m = re.match(r"([0-9.]+)(us|ms|s|m)$", text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def run_wrk(port: int, connections: int, duration: float, host: str = HOST) -> dict:
-    cmd = [
-        "taskset", "-c", LOAD_CPU, tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-        "-H", f"Host: {host}", f"http://127.0.0.1:{port}/",
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    out = run.stdout
-    m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
-    if not m:
-        raise RuntimeError(f"wrk against port {port} gave no result:\n{out}{run.stderr}")
-    rps = float(m.group(1))
-    total = int(re.search(r"([0-9]+) requests in", out).group(1))
-    errors = 0
-    m = re.search(r"Non-2xx or 3xx responses:\s+([0-9]+)", out)
-    if m:
-        errors += int(m.group(1))
-    m = re.search(r"Socket errors: connect ([0-9]+), read ([0-9]+), write ([0-9]+), timeout ([0-9]+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
-    pct = {p: _seconds(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M)}
-    return {"rps": rps, "requests": total, "errors": errors, "p50": pct["50"], "p75": pct["75"], "p90": pct["90"],
-            "p99": pct["99"]}
 
 
 def machine() -> dict:

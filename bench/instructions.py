@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .common import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "examples" / "backend.py"
 CONNECTIONS = 10  # keep-alive connections the requests are spread over
@@ -37,10 +39,6 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -82,7 +80,7 @@ def _requests(port: int, n: int) -> None:
 
 
 def _count(tmp: Path, name: str, table: str, backend_port: int, requests: int, warmup: int) -> float:
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     config = tmp / f"{name.replace(' ', '-').replace('+', 'and')}.toml"
     config.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
                       + table.format(log=tmp / "access.log")
@@ -118,7 +116,7 @@ def _count(tmp: Path, name: str, table: str, backend_port: int, requests: int, w
 def per_request(requests: int = 2000, warmup: int = 200, progress=print) -> dict:
     """{variant: instructions per request} for bare, metrics, and metrics + access log."""
     with tempfile.TemporaryDirectory(prefix="wakegate-instructions-") as tmp:
-        backend_port = _free_port()
+        backend_port = free_port()
         backend = subprocess.Popen([sys.executable, str(BACKEND), "--port", str(backend_port)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .__main__ import LOAD_CPU, PROXY_CPU, free_port, nginx_conf, run_wrk, start, tool, wait_port
+from .common import LOAD_CPU, PROXY_CPU, free_port, nginx_conf, run_wrk, start, tool, wait_port
 
 
 def _rss_kib(pid: int) -> int:

@@ -32,13 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from controller.readiness import probe_once  # noqa: E402
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .common import free_port  # noqa: E402
 
 
 def microvm_unavailable() -> str | None:
@@ -59,7 +53,7 @@ class Gate:
 
     def __init__(self, tmp: Path, mode: str, idle: str = "1h", extra_proxy: str = "") -> None:
         self.mode = mode
-        self.port, self.admin_port, self.backend_port = _free_port(), _free_port(), _free_port()
+        self.port, self.admin_port, self.backend_port = free_port(), free_port(), free_port()
         self.snapshot_dir = tmp / "snapshots"
         self.path = "/" if mode == "snapshot" else "/hello"
         cfg = tmp / f"wake-{mode}.toml"
@@ -315,7 +309,7 @@ async def _first_answer(port: int, started: float) -> float:
 
 def _startup_once() -> float:
     """The backend's own start-up: spawn to its first answer, with no wakegate involved."""
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(BACKEND), "--port", str(port)], stdout=subprocess.DEVNULL)
     try:

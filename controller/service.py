@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from proxy.metrics import Histogram
+from proxy.seam import Refused
 
 log = logging.getLogger("wakegate.controller")
 
@@ -35,16 +36,6 @@ class State(enum.Enum):
 
 
 ASLEEP, WAKING, READY, SLEEPING, FAILED = State.ASLEEP, State.WAKING, State.READY, State.SLEEPING, State.FAILED
-
-
-class Refused(Exception):
-    """A held request that will not be served: answer ``status`` with ``retry_after`` seconds."""
-
-    def __init__(self, status: int, reason: str, retry_after: float = 1.0) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.retry_after = retry_after
 
 
 # Lease states
@@ -158,7 +149,12 @@ class Service:
         self._task: asyncio.Task | None = None
         self._closing = False
 
-    # ---- the seam (request path: reads state, never writes it) ----
+    # ---- the seam (request path: reads state, never writes it); see proxy/seam.py ----
+
+    @property
+    def awake(self) -> bool:
+        """A request now would be served without a wake."""
+        return self.state is READY
 
     def acquire(self) -> Lease:
         """A granted lease when READY (no suspension), else a held one, or raise Refused."""

@@ -23,10 +23,10 @@ from .http11 import (
     parse_request,
     parse_response,
 )
-from controller.service import READY, Refused
 
 from .metrics import BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
 from .routing import Router
+from .seam import Refused
 from .upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("wakegate.proxy")
@@ -419,7 +419,7 @@ class ClientConnection(asyncio.Protocol):
         self.retried = False
         service = route.service
         if service is not None:
-            if service.state is not READY and route.no_wake is not None and route.must_not_wake(head):
+            if route.no_wake is not None and not service.awake and route.must_not_wake(head):
                 self._local_response(head, route.no_wake[2], retry_after=1)
                 return
             try:

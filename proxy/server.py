@@ -18,13 +18,14 @@ from .http11 import (
     UNTIL_CLOSE,
     ChunkedScanner,
     ProtocolError,
+    append_access_line,
     build_request,
     build_response,
     parse_request,
     parse_response,
 )
 
-from .metrics import BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
+from .metrics import ACCESS_FLUSH_BYTES, BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
 from .routing import Router
 from .seam import Refused
 from .upstream import UpstreamConnection, UpstreamPool
@@ -84,10 +85,11 @@ class ServiceRoute:
     """What a request is routed to: a service's name, its upstream pool, its controller
     Service (the acquire/release seam) and its no-wake rules."""
 
-    __slots__ = ("name", "pool", "service", "no_wake", "stats")
+    __slots__ = ("name", "name_bytes", "pool", "service", "no_wake", "stats")
 
     def __init__(self, name: str, pool: UpstreamPool, service=None, no_wake=None) -> None:
         self.name = name
+        self.name_bytes = name.encode()  # as the access log writes it
         self.pool = pool
         self.service = service
         self.no_wake = no_wake  # (path prefixes, user-agent substrings, status) or None
@@ -857,10 +859,12 @@ class ClientConnection(asyncio.Protocol):
             if self.connect_s:
                 stats.connect.observe(self.connect_s)
         access = server.access_log
-        if access is not None:
-            access.add(end, route.name, req.method, req.target, status, req.length + self.req_body_seen,
-                       self.bytes_out, total, self.queue_s, self.connect_s, upstream, self.t_held != 0.0,
-                       self.client_addr)
+        if access is not None:  # AccessLog.add, inlined: one Python call less per request
+            access.lines += 1
+            if append_access_line(access.buffer, end + access.wall_offset, route.name_bytes, req.method, req.target,
+                                  status, req.length + self.req_body_seen, self.bytes_out, total, self.queue_s,
+                                  self.connect_s, upstream, self.t_held != 0.0, self.client_addr) > ACCESS_FLUSH_BYTES:
+                access.flush()
         self.req = None
 
     def _count_client_error(self, status: int) -> None:

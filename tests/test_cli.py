@@ -77,3 +77,21 @@ def test_snapshot_refuses_what_it_cannot_snapshot(tmp_path, service, needle):
     result = wakegate("snapshot", service, "-c", str(path))
     assert result.returncode == 2 and needle in result.stderr and str(path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script,needle", [
+    ("echo 'fake-qemu: cannot set up host forwarding' >&2; exit 1", "cannot set up host forwarding"),
+    ("exit 0", "QEMU exited with status 0"),
+])
+def test_snapshot_reports_a_failing_vmm_in_one_line(tmp_path, script, needle):
+    """A fake QEMU (named so) that exits at once: `wakegate snapshot` says why, exits 1, leaves nothing."""
+    fake = tmp_path / "fake-qemu"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    path = tmp_path / "c.toml"
+    path.write_text(f'[services.vm]\nhosts = ["vm"]\nupstream = "127.0.0.1:1"\nwake_timeout = "20s"\n'
+                    f'[services.vm.microvm]\nkernel = "/bin/sh"\nqemu = "{fake}"\nsnapshot_dir = "{tmp_path / "s"}"\n')
+    result = wakegate("snapshot", "vm", "-c", str(path))
+    assert result.returncode == 1 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "s" / "vm.vmstate").exists()

@@ -350,12 +350,7 @@ class MicroVMBackend:
                 await self._launch(self.machine_args())
         resumed = time.monotonic()
         self.last_resume_seconds = resumed - started
-        try:
-            await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited(), first_attempt)
-        except NotReady as exc:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise NotReady(f"{self._exit_reason()} before the guest answered", exc.timed_out) from None
-            raise
+        await self._until_ready(deadline, first_attempt)
         if kind == "cold" and self.mode == "snapshot" and self.policy == "prepared":
             await self._warm_up()
             try:
@@ -366,13 +361,22 @@ class MicroVMBackend:
         self.last_wake_kind = kind
         self.boots[kind] += 1
 
+    async def _until_ready(self, deadline: float, first_attempt: float) -> None:
+        """Probe the guest until it answers; if QEMU exits meanwhile, say why it did."""
+        try:
+            await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited(), first_attempt)
+        except NotReady as exc:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise NotReady(f"{self._exit_reason()} before the guest answered", exc.timed_out) from None
+            raise
+
     async def _warm_up(self) -> None:
         """The configured warm-up requests, so that the prepared snapshot has them in memory."""
         for path in self.vm.warmup:
             try:
                 status = await probe_once(self.host, self.port, path, ATTEMPT_MAX * 5)
                 log.info("service %s: warm-up GET %s: %d", self.name, path, status)
-            except (OSError, TimeoutError, asyncio.TimeoutError, Exception) as exc:
+            except Exception as exc:  # a failed warm-up request does not stop the snapshot
                 log.warning("service %s: warm-up GET %s failed: %s", self.name, path, exc)
 
     async def sleep(self) -> None:
@@ -389,12 +393,7 @@ class MicroVMBackend:
     async def prepare(self, deadline: float) -> dict:
         """``wakegate snapshot NAME``: cold boot, wait until ready, warm up, snapshot, quit."""
         await self._launch(self.machine_args())
-        try:
-            await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited())
-        except NotReady as exc:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise NotReady(f"{self._exit_reason()} before the guest answered", exc.timed_out) from None
-            raise
+        await self._until_ready(deadline, ATTEMPT_FIRST)
         await self._warm_up()
         return await self._save(keep_running=False)
 

@@ -194,6 +194,14 @@ def median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def describe_process(proc, folder: Path) -> str:
+    """Whether a target's process still runs, and the tail of every log in the run's folder."""
+    state = "no process" if proc is None else (
+        "running" if proc.poll() is None else f"exited with status {proc.returncode}")
+    logs = "".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-1500:]}\n" for log in sorted(folder.glob("*.log")))
+    return f"process: {state}\n{logs}"
+
+
 def steady(args, measure_cost: bool = False) -> dict:
     scenario = "measure" if measure_cost else "steady"
     results = {"scenario": scenario, "machine": machine(), "settings": vars(args).copy(), "cases": []}
@@ -203,7 +211,10 @@ def steady(args, measure_cost: bool = False) -> dict:
                 targets, procs = setup_targets(Path(tmpdir), body_bytes, measure_cost)
                 try:
                     for t in targets:  # warm up pools and caches
-                        run_wrk(t.port, connections, 1)
+                        try:
+                            run_wrk(t.port, connections, 1)
+                        except RuntimeError as exc:  # say which target, and what its process said
+                            raise RuntimeError(f"{t.name}: {exc}\n{describe_process(t.proc, Path(tmpdir))}") from None
                     for rnd in range(args.rounds):
                         order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
                         for t in order:

@@ -33,14 +33,10 @@ from pathlib import Path  # noqa: E402
 
 import h11  # noqa: E402
 
+from bench.common import free_port  # noqa: E402,F401  (one port picker for tests and benchmarks)
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "examples" / "backend.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -6,6 +6,7 @@ objects out: nothing here knows about sockets or asyncio.
 """
 
 import math
+import operator
 import re
 
 from .errors import ProtocolError
@@ -230,6 +231,7 @@ class RequestHead:
         "_fields",
         "_drop",
         "_host_value",
+        "_content_length",
     )
 
     def __repr__(self) -> str:
@@ -250,6 +252,7 @@ class ResponseHead:
         "headers",
         "_fields",
         "_drop",
+        "_content_length",
     )
 
     def __repr__(self) -> str:
@@ -287,6 +290,9 @@ def parse_request(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES):
         if not _TARGET[c]:
             raise ProtocolError("invalid character in request target")
     version = _version(line[sp2 + 1 :])
+    if target == b"*" and method != b"OPTIONS":
+        # RFC 9112 section 3.2.4: asterisk-form is only for a server-wide OPTIONS.
+        raise ProtocolError("asterisk-form target with a method other than OPTIONS")
     fields = _parse_fields(lines)
 
     host_value = None
@@ -371,6 +377,7 @@ def parse_request(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES):
     head._fields = fields
     head._drop = _REQUEST_DROP.union(t for t in tokens if t not in _NEVER_DROP)
     head._host_value = host_value
+    head._content_length = length
     return head
 
 
@@ -442,20 +449,42 @@ def parse_response(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES, head_req
     head._fields = fields
     # Upgrade stays on a 101 even though its Connection names it.
     head._drop = _RESPONSE_DROP.union(t for t in tokens if t not in _NEVER_DROP and t != b"upgrade")
+    # RFC 9112 section 6.3: a response with both framings is framed by the coding; the
+    # Content-Length must not reach the client.
+    head._content_length = -1 if has_codings else length
     return head
 
 
+def _framing_value(lower: bytes, value: bytes, head, seen: set):
+    """The value a framing field is written with (one clean field: RFC 9112 section 6.3), None to
+    leave it out; other fields are written as they came."""
+    if lower == b"content-length":
+        if lower in seen or head._content_length < 0:
+            return None
+        seen.add(lower)
+        return b"%d" % head._content_length
+    if lower == b"transfer-encoding" and isinstance(head, RequestHead):
+        if lower in seen:
+            return None
+        seen.add(lower)
+        return b"chunked"  # the only coding a request may carry here
+    return value
+
+
 def build_request(head, client_addr: bytes, proto: bytes = b"http", extra: bytes = b"") -> bytes:
-    """The head to send upstream: hop-by-hop fields out, X-Forwarded-* in."""
+    """The head to send upstream: hop-by-hop fields out, X-Forwarded-* in, framing made canonical."""
     out = [head.method, b" ", head.target, b" HTTP/1.1\r\n" if head.version else b" HTTP/1.0\r\n"]
     drop = head._drop
     forwarded_for = []
+    seen: set = set()
     for name, lower, value in head._fields:
         if lower in drop:
             if lower == b"x-forwarded-for" and value:
                 forwarded_for.append(value)
             continue
-        out += (name, b": ", value, b"\r\n")
+        value = _framing_value(lower, value, head, seen)
+        if value is not None:
+            out += (name, b": ", value, b"\r\n")
     forwarded_for.append(client_addr)
     out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
     out += (b"X-Forwarded-Proto: ", proto, b"\r\n")
@@ -474,10 +503,13 @@ def build_response(head, keep_alive: bool, client_version: int = 1, extra: bytes
     out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
     drop = head._drop
     upgrading = head.status == 101
+    seen: set = set()
     for name, lower, value in head._fields:
         if lower in drop or (lower == b"upgrade" and not upgrading):
             continue
-        out += (name, b": ", value, b"\r\n")
+        value = _framing_value(lower, value, head, seen)
+        if value is not None:
+            out += (name, b": ", value, b"\r\n")
     if upgrading:
         out.append(b"Connection: upgrade\r\n")
     elif not keep_alive:
@@ -489,7 +521,8 @@ def build_response(head, keep_alive: bool, client_version: int = 1, extra: bytes
 
 
 # ChunkedScanner states
-_SIZE, _SIZE_EXT, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF, _TRAILER, _TRAILER_LF, _DONE = range(9)
+(_SIZE, _EXT, _SIZE_LF, _DATA, _DATA_CR, _DATA_LF,
+ _TRAILER, _TRAILER_NAME, _TRAILER_VALUE, _TRAILER_LF, _END_LF, _DONE) = range(12)
 
 
 class ChunkedScanner:
@@ -497,6 +530,9 @@ class ChunkedScanner:
 
     ``feed(buf, start)`` returns how many bytes from ``start`` belong to the
     body; ``done`` turns true once the last chunk and trailers are through.
+    A chunk size is hex digits and nothing else (then ``;`` extensions), and a
+    trailer line is ``name: value``: "5 6", "a " or a trailer without a colon
+    raise ProtocolError, so only clean framing is ever relayed.
     """
 
     __slots__ = ("_state", "_remaining", "_digits", "_line", "_trailer")
@@ -526,8 +562,12 @@ class ChunkedScanner:
                 continue
             c = buf[i]
             i += 1
+            if state >= _TRAILER:
+                self._trailer += 1
+                if self._trailer > MAX_TRAILER_BYTES:
+                    self._state = state
+                    raise ProtocolError("trailer section too large", 431)
             if state == _SIZE:
-                self._line += 1
                 if c in _HEX:
                     if self._digits == 16:
                         raise ProtocolError("chunk size too large")
@@ -538,11 +578,12 @@ class ChunkedScanner:
                     raise ProtocolError("invalid chunk size")
                 if c == 13:
                     state = _SIZE_LF
-                elif c in (59, 32, 9):  # ';' or BWS before it
-                    state = _SIZE_EXT
+                elif c == 59:  # ';'
+                    self._line = self._digits + 1
+                    state = _EXT
                 else:
                     raise ProtocolError("invalid chunk size")
-            elif state == _SIZE_EXT:
+            elif state == _EXT:
                 self._line += 1
                 if self._line > MAX_CHUNK_LINE_BYTES:
                     raise ProtocolError("chunk extension too long")
@@ -564,24 +605,31 @@ class ChunkedScanner:
                 if c != 10:
                     raise ProtocolError("chunk data not followed by CRLF")
                 state = _SIZE
-            elif state == _TRAILER:
-                self._trailer += 1
-                if self._trailer > MAX_TRAILER_BYTES:
-                    raise ProtocolError("trailer section too large", 431)
+            elif state == _TRAILER:  # a trailer line starts, or the empty line ends the body
+                if c == 13:
+                    state = _END_LF
+                elif _TOKEN[c]:
+                    state = _TRAILER_NAME
+                else:
+                    raise ProtocolError("invalid trailer field")
+            elif state == _TRAILER_NAME:
+                if c == 58:  # ':'
+                    state = _TRAILER_VALUE
+                elif not _TOKEN[c]:
+                    raise ProtocolError("trailer field without a colon")
+            elif state == _TRAILER_VALUE:
                 if c == 13:
                     state = _TRAILER_LF
-                elif c == 10 or not _VALUE[c] and c != 58:
+                elif not _VALUE[c]:
                     raise ProtocolError("invalid character in trailer")
-                else:
-                    self._line += 1
             elif state == _TRAILER_LF:
                 if c != 10:
                     raise ProtocolError("bare CR in trailer")
-                if self._line == 0:
-                    state = _DONE
-                else:
-                    self._line = 0
-                    state = _TRAILER
+                state = _TRAILER
+            else:  # _END_LF
+                if c != 10:
+                    raise ProtocolError("bare CR in trailer")
+                state = _DONE
         self._state = state
         return i - start
 
@@ -614,6 +662,14 @@ def _micros(value) -> int:
     return math.floor(value * 1e6 + 0.5) if 0.0 <= value < ACCESS_NUMBER_MAX else 0
 
 
+def _index(value) -> int:
+    """An integer argument: int or anything with __index__, as the extension's PyLong_AsLongLong takes."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"append_access_line(): an integer is needed, not {type(value).__name__}") from None
+
+
 def append_access_line(buffer, time, service, method, target, status, bytes_in, bytes_out, total, queue, connect,
                        upstream, woke, client) -> int:
     """Append one access log line (JSON) to buffer; the buffer's new length."""
@@ -623,7 +679,7 @@ def append_access_line(buffer, time, service, method, target, status, bytes_in, 
         raise TypeError("append_access_line(): service, method, target and client are bytes")
     buffer += _ACCESS_LINE % (
         *divmod(_micros(time), 1_000_000), _json_escape(service), _json_escape(method), _json_escape(target),
-        int(status), int(bytes_in), int(bytes_out), *divmod(_micros(total), 1000), *divmod(_micros(queue), 1000),
+        _index(status), _index(bytes_in), _index(bytes_out), *divmod(_micros(total), 1000), *divmod(_micros(queue), 1000),
         *divmod(_micros(connect), 1000), *divmod(_micros(upstream), 1000), b"true" if woke else b"false",
         _json_escape(client),
     )

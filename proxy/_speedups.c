@@ -73,7 +73,9 @@ fail(const char *message, int status)
 
 /* ---- fields ---- */
 
-enum { F_KEEP = 0, F_DROP = 1, F_FORWARDED_FOR = 2, F_UPGRADE = 3 };
+/* How the rewrite treats a field: as it came, left out, merged into X-Forwarded-For, kept only on
+ * a 101, or written with a canonical value (one clean framing field reaches the other side). */
+enum { F_KEEP = 0, F_DROP = 1, F_FORWARDED_FOR = 2, F_UPGRADE = 3, F_LENGTH = 4, F_CHUNKED = 5 };
 
 typedef struct {
     Py_ssize_t name, name_len, value, value_len; /* offsets into raw */
@@ -367,6 +369,7 @@ typedef struct {
     Span host;              /* off -1: no host; host bytes are lower-cased on access */
     Span host_value;        /* off -1: no Host field */
     Span upgrade;           /* off -1: not an upgrade */
+    long long content_length; /* the merged Content-Length, written for an F_LENGTH field */
     int nfields;
     Field *fields;
 } RequestHead;
@@ -521,6 +524,7 @@ typedef struct {
     int status;
     char keep_alive;
     Span reason;
+    long long content_length; /* the merged Content-Length, written for an F_LENGTH field */
     int nfields;
     Field *fields;
 } ResponseHead;
@@ -676,6 +680,11 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
         if (!(cls[b[x]] & C_TARGET)) { fail("invalid character in request target", 400); goto error; }
     int version = parse_version(b + sp2 + 1, eol - sp2 - 1);
     if (version < 0) goto error;
+    /* RFC 9112 section 3.2.4: asterisk-form is only for a server-wide OPTIONS. */
+    if (sp2 == sp1 + 2 && b[sp1 + 1] == '*' && !(sp1 - i == 7 && memcmp(b + i, "OPTIONS", 7) == 0)) {
+        fail("asterisk-form target with a method other than OPTIONS", 400);
+        goto error;
+    }
     if (sp.lines - 2 > MAX_HEADERS) { fail("too many header fields", 431); goto error; }
 
     fields = PyMem_Malloc(sizeof(Field) * (size_t)(sp.lines > 2 ? sp.lines - 2 : 1));
@@ -763,11 +772,16 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     int keep_alive = version == 1 ? !options.close : (options.keep_alive && !options.close);
     if (upgrade.off >= 0 && (version == 0 || !options.upgrade)) upgrade.off = -1;
 
-    /* Mark what the rewrite leaves out (RFC 9110 section 7.6.1). */
+    /* Mark what the rewrite leaves out (RFC 9110 section 7.6.1). The framing goes upstream as one
+     * clean field: the first Content-Length or Transfer-Encoding is written with its canonical
+     * value ("5, 5" as "5", ",chunked" as "chunked"), any repeat is left out (RFC 9112 section 6.3). */
+    int seen_length = 0, seen_coding = 0;
     for (int f = 0; f < nf; f++) {
         const unsigned char *name = raw + fields[f].name;
         Py_ssize_t n = fields[f].name_len;
-        if (IEQ(name, n, "x-forwarded-for")) fields[f].kind = F_FORWARDED_FOR;
+        if (IEQ(name, n, "content-length")) fields[f].kind = seen_length++ ? F_DROP : F_LENGTH;
+        else if (IEQ(name, n, "transfer-encoding")) fields[f].kind = seen_coding++ ? F_DROP : F_CHUNKED;
+        else if (IEQ(name, n, "x-forwarded-for")) fields[f].kind = F_FORWARDED_FOR;
         else if (IEQ(name, n, "connection") || IEQ(name, n, "keep-alive") || IEQ(name, n, "proxy-connection") ||
                  IEQ(name, n, "te") || IEQ(name, n, "upgrade") || IEQ(name, n, "x-forwarded-proto") ||
                  IEQ(name, n, "x-forwarded-host"))
@@ -784,6 +798,7 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (!head->raw) goto error;
     head->length = sp.end - start;
     head->body_length = body_length;
+    head->content_length = length;
     head->version = version;
     head->keep_alive = (char)keep_alive;
     head->expect_continue = (char)expect_continue;
@@ -895,10 +910,15 @@ parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     }
     if (body_length == UNTIL_CLOSE) keep_alive = 0;
 
+    /* One clean Content-Length goes to the client, or none when Transfer-Encoding frames the body
+     * (RFC 9112 section 6.3: a response with both is framed by the coding; CL must be removed). */
+    int seen_length = 0;
     for (int f = 0; f < nf; f++) {
         const unsigned char *name = raw + fields[f].name;
         Py_ssize_t n = fields[f].name_len;
-        if (IEQ(name, n, "connection") || IEQ(name, n, "keep-alive") || IEQ(name, n, "proxy-connection"))
+        if (IEQ(name, n, "content-length"))
+            fields[f].kind = (has_codings || seen_length++) ? F_DROP : F_LENGTH;
+        else if (IEQ(name, n, "connection") || IEQ(name, n, "keep-alive") || IEQ(name, n, "proxy-connection"))
             fields[f].kind = F_DROP;
         else if (IEQ(name, n, "upgrade")) /* kept on a 101 even though Connection names it */
             fields[f].kind = F_UPGRADE;
@@ -914,6 +934,7 @@ parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     if (!head->raw) goto error;
     head->length = sp.end - start;
     head->body_length = body_length;
+    head->content_length = length;
     head->version = version;
     head->status = status;
     head->keep_alive = (char)keep_alive;
@@ -931,13 +952,72 @@ error:
 
 /* ---- building heads ---- */
 
+/* Heads are written into a bytes object sized beforehand. Every write is checked against the end:
+ * a size computed wrong gives SystemError, never a write past the object (NDEBUG keeps this). */
 static char *
-put(char *p, const void *s, Py_ssize_t n)
+put(char *p, const char *end, const void *s, Py_ssize_t n)
 {
+    if (!p || n > end - p) return NULL;
     memcpy(p, s, (size_t)n);
     return p + n;
 }
-#define PUT(p, lit) put((p), lit, (Py_ssize_t)sizeof(lit) - 1)
+#define PUT(p, lit) put((p), end, lit, (Py_ssize_t)sizeof(lit) - 1)
+
+/* Decimal digits of v >= 0. */
+static Py_ssize_t
+decimal_len(long long v)
+{
+    Py_ssize_t n = 1;
+    while (v >= 10) { v /= 10; n++; }
+    return n;
+}
+
+static char *
+put_decimal(char *p, const char *end, long long v)
+{
+    char tmp[24];
+    int n = 0;
+    do { tmp[n++] = (char)('0' + v % 10); v /= 10; } while (v > 0);
+    if (!p || n > end - p) return NULL;
+    while (n) *p++ = tmp[--n];
+    return p;
+}
+
+/* Bytes a field takes in the rewritten head ("Name: value\r\n"), 0 if it is not written. */
+static Py_ssize_t
+field_size(const Field *fd, long long content_length, int upgrading)
+{
+    switch (fd->kind) {
+    case F_KEEP: return fd->name_len + fd->value_len + 4;
+    case F_LENGTH: return fd->name_len + decimal_len(content_length) + 4;
+    case F_CHUNKED: return fd->name_len + 7 + 4;
+    case F_UPGRADE: return upgrading ? fd->name_len + fd->value_len + 4 : 0;
+    default: return 0;
+    }
+}
+
+static char *
+put_field(char *p, const char *end, const char *raw, const Field *fd, long long content_length, int upgrading)
+{
+    if (fd->kind == F_DROP || fd->kind == F_FORWARDED_FOR || (fd->kind == F_UPGRADE && !upgrading)) return p;
+    p = put(p, end, raw + fd->name, fd->name_len);
+    p = PUT(p, ": ");
+    if (fd->kind == F_LENGTH) p = put_decimal(p, end, content_length);
+    else if (fd->kind == F_CHUNKED) p = PUT(p, "chunked");
+    else p = put(p, end, raw + fd->value, fd->value_len);
+    return PUT(p, "\r\n");
+}
+
+static PyObject *
+finish_head(PyObject *out, const char *p, const char *end, const char *what)
+{
+    if (p != end) {
+        Py_DECREF(out);
+        PyErr_Format(PyExc_SystemError, "%s: the head's size was computed wrong", what);
+        return NULL;
+    }
+    return out;
+}
 
 static int
 bytes_arg(PyObject *o, const char *what, const char **s, Py_ssize_t *n)
@@ -982,8 +1062,8 @@ build_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     Py_ssize_t size = h->method_len + 1 + h->target.len + 11;
     for (int f = 0; f < h->nfields; f++) {
         const Field *fd = &h->fields[f];
-        if (fd->kind == F_KEEP) size += fd->name_len + fd->value_len + 4;
-        else if (fd->kind == F_FORWARDED_FOR && fd->value_len) size += fd->value_len + 2;
+        if (fd->kind == F_FORWARDED_FOR) size += fd->value_len ? fd->value_len + 2 : 0;
+        else size += field_size(fd, h->content_length, 0);
     }
     size += 17 + addr_len + 2;  /* X-Forwarded-For: */
     size += 19 + proto_len + 2; /* X-Forwarded-Proto: */
@@ -995,45 +1075,39 @@ build_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (!out) return NULL;
     char *p = PyBytes_AS_STRING(out);
-    p = put(p, raw + h->lead, h->method_len);
-    *p++ = ' ';
-    p = put(p, raw + h->target.off, h->target.len);
+    const char *end = p + size;
+    p = put(p, end, raw + h->lead, h->method_len);
+    p = PUT(p, " ");
+    p = put(p, end, raw + h->target.off, h->target.len);
     p = h->version ? PUT(p, " HTTP/1.1\r\n") : PUT(p, " HTTP/1.0\r\n");
-    for (int f = 0; f < h->nfields; f++) {
-        const Field *fd = &h->fields[f];
-        if (fd->kind != F_KEEP) continue;
-        p = put(p, raw + fd->name, fd->name_len);
-        p = PUT(p, ": ");
-        p = put(p, raw + fd->value, fd->value_len);
-        p = PUT(p, "\r\n");
-    }
+    for (int f = 0; f < h->nfields; f++)
+        p = put_field(p, end, raw, &h->fields[f], h->content_length, 0);
     p = PUT(p, "X-Forwarded-For: ");
     for (int f = 0; f < h->nfields; f++) {
         const Field *fd = &h->fields[f];
         if (fd->kind != F_FORWARDED_FOR || !fd->value_len) continue;
-        p = put(p, raw + fd->value, fd->value_len);
+        p = put(p, end, raw + fd->value, fd->value_len);
         p = PUT(p, ", ");
     }
-    p = put(p, addr, addr_len);
+    p = put(p, end, addr, addr_len);
     p = PUT(p, "\r\nX-Forwarded-Proto: ");
-    p = put(p, proto, proto_len);
+    p = put(p, end, proto, proto_len);
     p = PUT(p, "\r\n");
     if (h->host_value.off >= 0) {
         p = PUT(p, "X-Forwarded-Host: ");
-        p = put(p, raw + h->host_value.off, h->host_value.len);
+        p = put(p, end, raw + h->host_value.off, h->host_value.len);
         p = PUT(p, "\r\n");
     }
     if (h->upgrade.off >= 0) {
         p = PUT(p, "Connection: upgrade\r\nUpgrade: ");
-        p = put(p, raw + h->upgrade.off, h->upgrade.len);
+        p = put(p, end, raw + h->upgrade.off, h->upgrade.len);
         p = PUT(p, "\r\n");
     } else if (!h->version) {
         p = PUT(p, "Connection: keep-alive\r\n");
     }
-    p = put(p, extra, extra_len);
+    p = put(p, end, extra, extra_len);
     p = PUT(p, "\r\n");
-    assert(p == PyBytes_AS_STRING(out) + size);
-    return out;
+    return finish_head(out, p, end, "build_request");
 }
 
 static PyObject *
@@ -1057,11 +1131,8 @@ build_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     const char *raw = raw_of(h->raw);
     int upgrading = h->status == 101;
     Py_ssize_t size = 13 + h->reason.len + 2;
-    for (int f = 0; f < h->nfields; f++) {
-        const Field *fd = &h->fields[f];
-        if (fd->kind == F_KEEP || (fd->kind == F_UPGRADE && upgrading))
-            size += fd->name_len + fd->value_len + 4;
-    }
+    for (int f = 0; f < h->nfields; f++)
+        size += field_size(&h->fields[f], h->content_length, upgrading);
     if (upgrading) size += 21;
     else if (!keep_alive) size += 19;
     else if (!client_version) size += 24;
@@ -1070,33 +1141,32 @@ build_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (!out) return NULL;
     char *p = PyBytes_AS_STRING(out);
+    const char *end = p + size;
+    char status[5] = {(char)('0' + h->status / 100), (char)('0' + h->status / 10 % 10),
+                      (char)('0' + h->status % 10), ' ', 0};
     p = PUT(p, "HTTP/1.1 ");
-    *p++ = (char)('0' + h->status / 100);
-    *p++ = (char)('0' + h->status / 10 % 10);
-    *p++ = (char)('0' + h->status % 10);
-    *p++ = ' ';
-    p = put(p, raw + h->reason.off, h->reason.len);
+    p = put(p, end, status, 4);
+    p = put(p, end, raw + h->reason.off, h->reason.len);
     p = PUT(p, "\r\n");
-    for (int f = 0; f < h->nfields; f++) {
-        const Field *fd = &h->fields[f];
-        if (!(fd->kind == F_KEEP || (fd->kind == F_UPGRADE && upgrading))) continue;
-        p = put(p, raw + fd->name, fd->name_len);
-        p = PUT(p, ": ");
-        p = put(p, raw + fd->value, fd->value_len);
-        p = PUT(p, "\r\n");
-    }
+    for (int f = 0; f < h->nfields; f++)
+        p = put_field(p, end, raw, &h->fields[f], h->content_length, upgrading);
     if (upgrading) p = PUT(p, "Connection: upgrade\r\n");
     else if (!keep_alive) p = PUT(p, "Connection: close\r\n");
     else if (!client_version) p = PUT(p, "Connection: keep-alive\r\n");
-    p = put(p, extra, extra_len);
+    p = put(p, end, extra, extra_len);
     p = PUT(p, "\r\n");
-    assert(p == PyBytes_AS_STRING(out) + size);
-    return out;
+    return finish_head(out, p, end, "build_response");
 }
 
 /* ---- ChunkedScanner (RFC 9112 section 7.1) ---- */
 
-enum { S_SIZE, S_SIZE_EXT, S_SIZE_LF, S_DATA, S_DATA_CR, S_DATA_LF, S_TRAILER, S_TRAILER_LF, S_DONE };
+/* chunk = chunk-size [ ";" chunk-ext ] CRLF chunk-data CRLF; last-chunk = 1*"0" [ chunk-ext ] CRLF;
+ * then trailer field lines (name ":" value CRLF) and an empty line. The size is hex digits and
+ * nothing else: "5 6", "5 x" and "a " are refused, so only clean framing reaches the other side. */
+enum {
+    S_SIZE, S_EXT, S_SIZE_LF, S_DATA, S_DATA_CR, S_DATA_LF,
+    S_TRAILER, S_TRAILER_NAME, S_TRAILER_VALUE, S_TRAILER_LF, S_END_LF, S_DONE
+};
 
 typedef struct {
     PyObject_HEAD
@@ -1143,9 +1213,13 @@ scanner_feed(ChunkedScanner *self, PyObject *const *args, Py_ssize_t nargs, PyOb
             continue;
         }
         unsigned char c = b[i++];
+        if (state >= S_TRAILER && ++self->trailer > MAX_TRAILER_BYTES) {
+            err = "trailer section too large";
+            err_status = 431;
+            goto done;
+        }
         switch (state) {
         case S_SIZE:
-            self->line++;
             if (hexval[c] >= 0) {
                 if (self->digits == 16) { err = "chunk size too large"; goto done; }
                 self->remaining = self->remaining * 16 + (unsigned long long)hexval[c];
@@ -1154,12 +1228,11 @@ scanner_feed(ChunkedScanner *self, PyObject *const *args, Py_ssize_t nargs, PyOb
             }
             if (!self->digits) { err = "invalid chunk size"; goto done; }
             if (c == '\r') state = S_SIZE_LF;
-            else if (c == ';' || c == ' ' || c == '\t') state = S_SIZE_EXT;
+            else if (c == ';') { self->line = self->digits + 1; state = S_EXT; }
             else { err = "invalid chunk size"; goto done; }
             break;
-        case S_SIZE_EXT:
-            self->line++;
-            if (self->line > MAX_CHUNK_LINE_BYTES) { err = "chunk extension too long"; goto done; }
+        case S_EXT:
+            if (++self->line > MAX_CHUNK_LINE_BYTES) { err = "chunk extension too long"; goto done; }
             if (c == '\r') state = S_SIZE_LF;
             else if (!(cls[c] & C_VALUE)) { err = "invalid chunk extension"; goto done; }
             break;
@@ -1177,17 +1250,26 @@ scanner_feed(ChunkedScanner *self, PyObject *const *args, Py_ssize_t nargs, PyOb
             if (c != '\n') { err = "chunk data not followed by CRLF"; goto done; }
             state = S_SIZE;
             break;
-        case S_TRAILER:
-            self->trailer++;
-            if (self->trailer > MAX_TRAILER_BYTES) { err = "trailer section too large"; err_status = 431; goto done; }
+        case S_TRAILER: /* the start of a trailer line, or the empty line that ends the body */
+            if (c == '\r') state = S_END_LF;
+            else if (cls[c] & C_TOKEN) state = S_TRAILER_NAME;
+            else { err = "invalid trailer field"; goto done; }
+            break;
+        case S_TRAILER_NAME:
+            if (c == ':') state = S_TRAILER_VALUE;
+            else if (!(cls[c] & C_TOKEN)) { err = "trailer field without a colon"; goto done; }
+            break;
+        case S_TRAILER_VALUE:
             if (c == '\r') state = S_TRAILER_LF;
             else if (!(cls[c] & C_VALUE)) { err = "invalid character in trailer"; goto done; }
-            else self->line++;
             break;
         case S_TRAILER_LF:
             if (c != '\n') { err = "bare CR in trailer"; goto done; }
-            if (!self->line) state = S_DONE;
-            else { self->line = 0; state = S_TRAILER; }
+            state = S_TRAILER;
+            break;
+        case S_END_LF:
+            if (c != '\n') { err = "bare CR in trailer"; goto done; }
+            state = S_DONE;
             break;
         }
     }
@@ -1322,29 +1404,38 @@ append_access_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         strings += PyBytes_GET_SIZE(args[string_args[i]]);
     }
+    /* Each conversion stops at the first failure: no C API call is made with an exception set. */
     int error = 0;
     double when = access_number(args[1], &error);
+    if (error) return NULL;
     double ms[4]; /* seconds; written as milliseconds */
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 4; i++) {
         ms[i] = access_number(args[8 + i], &error);
+        if (error) return NULL;
+    }
     long long ints[3];
     for (int i = 0; i < 3; i++) {
         ints[i] = PyLong_AsLongLong(args[5 + i]);
-        if (ints[i] == -1 && PyErr_Occurred())
-            error = 1;
+        if (ints[i] == -1 && PyErr_Occurred()) return NULL;
     }
     int woke = PyObject_IsTrue(args[12]);
-    if (error || woke < 0)
-        return NULL;
+    if (woke < 0) return NULL;
 
     Py_ssize_t old = PyByteArray_GET_SIZE(buffer);
+    if (strings > (PY_SSIZE_T_MAX - ACCESS_FIXED_BYTES - old) / 6) return PyErr_NoMemory();
     Py_ssize_t room = ACCESS_FIXED_BYTES + 6 * strings;
     if (PyByteArray_Resize(buffer, old + room) < 0)
         return NULL;
-    char *start = PyByteArray_AS_STRING(buffer) + old, *p = start;
-#define ACCESS_TEXT(literal) (memcpy(p, literal, sizeof(literal) - 1), p += sizeof(literal) - 1)
-#define ACCESS_STRING(i) (p = json_escape(p, (const unsigned char *)PyBytes_AS_STRING(args[i]), PyBytes_GET_SIZE(args[i])))
+    char *start = PyByteArray_AS_STRING(buffer) + old, *p = start, *limit = start + room;
+    /* Every write first checks that it fits: a wrong ACCESS_FIXED_BYTES gives SystemError, never a
+       write past the buffer (an assert would vanish under NDEBUG). A number takes at most 24 bytes. */
+#define ACCESS_ROOM(k) do { if ((Py_ssize_t)(k) > limit - p) goto overflow; } while (0)
+#define ACCESS_TEXT(literal) do { ACCESS_ROOM(sizeof(literal) - 1); memcpy(p, literal, sizeof(literal) - 1); \
+                                  p += sizeof(literal) - 1; } while (0)
+#define ACCESS_STRING(i) do { ACCESS_ROOM(6 * PyBytes_GET_SIZE(args[i])); \
+        p = json_escape(p, (const unsigned char *)PyBytes_AS_STRING(args[i]), PyBytes_GET_SIZE(args[i])); } while (0)
     ACCESS_TEXT("{\"time\":");
+    ACCESS_ROOM(24);
     p = write_fixed(p, access_micros(when), 6);
     ACCESS_TEXT(",\"service\":\"");
     ACCESS_STRING(2);
@@ -1355,6 +1446,7 @@ append_access_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     static const char *const int_names[3] = {"\",\"status\":", ",\"bytes_in\":", ",\"bytes_out\":"};
     for (int i = 0; i < 3; i++) {
         size_t k = strlen(int_names[i]);
+        ACCESS_ROOM(k + 24);
         memcpy(p, int_names[i], k);
         p += k;
         if (ints[i] < 0)
@@ -1364,21 +1456,28 @@ append_access_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     static const char *const ms_names[4] = {",\"ms\":{\"total\":", ",\"queue\":", ",\"connect\":", ",\"upstream\":"};
     for (int i = 0; i < 4; i++) {
         size_t k = strlen(ms_names[i]);
+        ACCESS_ROOM(k + 24);
         memcpy(p, ms_names[i], k);
         p = write_fixed(p + k, access_micros(ms[i]), 3);
     }
-    *p++ = '}';
+    ACCESS_TEXT("}");
     if (woke)
         ACCESS_TEXT(",\"woke\":true,\"client\":\"");
     else
         ACCESS_TEXT(",\"woke\":false,\"client\":\"");
     ACCESS_STRING(13);
     ACCESS_TEXT("\"}\n");
+#undef ACCESS_ROOM
 #undef ACCESS_TEXT
 #undef ACCESS_STRING
     if (PyByteArray_Resize(buffer, old + (p - start)) < 0)
         return NULL;
     return PyLong_FromSsize_t(old + (p - start));
+
+overflow:
+    PyByteArray_Resize(buffer, old); /* shrinking cannot fail */
+    PyErr_SetString(PyExc_SystemError, "append_access_line(): the line outgrew its room");
+    return NULL;
 }
 
 /* ---- module ---- */

@@ -140,6 +140,10 @@ INVALID_REQUESTS = [
     (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: " + b",".join(b"o%d" % i for i in range(33)) + b"\r\n\r\n",
      400, "too many Connection options"),
     (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 100 + b"\r\n", 431, "too many fields"),
+    # issue 10, defect 9: asterisk-form is for OPTIONS only (RFC 9112 section 3.2.4)
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400, "asterisk-form GET"),
+    (b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", 400, "asterisk-form POST"),
+    (b"options * HTTP/1.1\r\nHost: a\r\n\r\n", 400, "asterisk-form, method case matters"),
 ]
 
 
@@ -283,6 +287,22 @@ BUILD_REQUESTS = [
     (b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", b"1.2.3.4",
      b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 1.2.3.4\r\n"
      b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"),
+    # issue 10, defect 8: the origin gets one clean framing field, whatever list form came in
+    (b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", b"1.2.3.4",
+     b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-Forwarded-For: 1.2.3.4\r\n"
+     b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"),
+    (b"POST /p HTTP/1.1\r\nContent-Length: 007\r\nHost: a\r\ncontent-length: 7\r\n\r\n", b"1.2.3.4",
+     b"POST /p HTTP/1.1\r\nContent-Length: 7\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n"
+     b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,chunked\r\n\r\n", b"1.2.3.4",
+     b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 1.2.3.4\r\n"
+     b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED ,\r\n\r\n", b"1.2.3.4",
+     b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 1.2.3.4\r\n"
+     b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"),
+    (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", b"1.2.3.4",
+     b"OPTIONS * HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: http\r\n"
+     b"X-Forwarded-Host: a\r\n\r\n"),
 ]
 
 
@@ -310,6 +330,16 @@ BUILD_RESPONSES = [
     (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\n\r\n",
      True, 1,
      b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\nConnection: upgrade\r\n\r\n"),
+    # issue 10, defect 5: both framings -> framed by chunked, Content-Length never reaches the client
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", True, 1,
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n", False, 1,
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n"),
+    # one clean Content-Length, also on a HEAD's or a 304's answer
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n", True, 1,
+     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0042\r\n\r\n", True, 1,
+     b"HTTP/1.1 304 Not Modified\r\nContent-Length: 42\r\n\r\n"),
 ]
 
 
@@ -330,7 +360,8 @@ def test_build_response_extra(http11):
 VALID_CHUNKED = [
     b"0\r\n\r\n",
     b"5\r\nhello\r\n0\r\n\r\n",
-    b"5;name=value\r\nhello\r\nA ; x\r\n0123456789\r\n0\r\n\r\n",
+    b"5;name=value\r\nhello\r\nA;x\r\n0123456789\r\n0\r\n\r\n",
+    b"5; name = value\r\nhello\r\n0;last\r\n\r\n",  # whitespace inside an extension is relayed: after ";"
     b"1\r\na\r\n0\r\nTrailer: x\r\nOther: y\r\n\r\n",
     b"00000000000000001\r\na\r\n0\r\n\r\n"[1:],  # 16 digits
     b"fF\r\n" + b"z" * 255 + b"\r\n0\r\n\r\n",
@@ -363,6 +394,21 @@ INVALID_CHUNKED = [
     (b"1;" + b"e" * 5000 + b"\r\n", 400),
     (b"0\r\nBad\x01Trailer\r\n\r\n", 400),
     (b"0\r\n" + b"T: " + b"v" * 20000, 431),
+    # Issue 10, defect 7: only hex digits before ";" or CRLF. Whitespace there is refused rather
+    # than relayed (RFC 9112 section 7.1.1 calls it BWS, but parsers behind us disagree on it).
+    (b"5 6\r\nhello\r\n0\r\n\r\n", 400),
+    (b"5 garbage\r\nhello\r\n0\r\n\r\n", 400),
+    (b"a \r\n0123456789\r\n0\r\n\r\n", 400),
+    (b"5\r\nhello\r\n0 \r\n\r\n", 400),
+    (b"A ; x\r\n0123456789\r\n0\r\n\r\n", 400),
+    (b"2 erfrferferf\r\naa\r\n0 rrrr\r\n\r\n", 400),
+    (b"5\tx\r\nhello\r\n", 400),
+    # and a trailer is a field line: name, colon, value
+    (b"0\r\nNoColon\r\n\r\n", 400),
+    (b"0\r\n: empty name\r\n\r\n", 400),
+    (b"0\r\n folded: x\r\n\r\n", 400),
+    (b"0\r\nName : x\r\n\r\n", 400),
+    (b"0\r\nName: x\ny\r\n\r\n", 400),
 ]
 
 
@@ -574,13 +620,32 @@ def test_access_line_is_json_and_matches_the_twin(http11, args, expected):
     assert twin == buffer  # byte for byte, whichever implementation wrote it
 
 
+class _PythonFloat:
+    def __float__(self):
+        return 1.0
+
+
+class _PythonInt:
+    def __index__(self):
+        return 1
+
+
 @pytest.mark.parametrize("bad", [
     lambda a: ("not a bytearray",) + a[1:],
     lambda a: a[:2] + ("svc",) + a[3:],  # str, not bytes
     lambda a: a[:1] + ("soon",) + a[2:],  # not a number
     lambda a: a[:13],  # too few arguments
+    # issue 10, defect 17: the first bad argument ends the call (it went on to SystemError)
+    lambda a: a[:1] + ("soon",) + a[2:8] + ("later",) + a[9:],  # two numbers that are not
+    lambda a: a[:1] + ("soon",) + a[2:5] + ("200",) + a[6:],  # a bad time and a bad status
+    lambda a: a[:5] + ("200",) + ("39",) + a[7:],  # two bad integers
+    lambda a: a[:8] + (None, None, None, None) + a[12:],  # every duration
+    lambda a: a[:1] + ("soon",) + a[2:8] + (_PythonFloat(),) + a[9:],  # Python code run with an error set
+    lambda a: a[:1] + ("soon",) + a[2:5] + (_PythonInt(),) + a[6:],
 ])
 def test_access_line_refuses_wrong_types(http11, bad):
-    args = (bytearray(),) + ACCESS_LINES[0][0]
+    buffer = bytearray(b"kept\n")
+    args = (buffer,) + ACCESS_LINES[0][0]
     with pytest.raises(TypeError):
         http11.append_access_line(*bad(args))
+    assert buffer == b"kept\n"  # nothing half-written

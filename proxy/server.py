@@ -39,11 +39,40 @@ TICK_MIN, TICK_MAX = 0.01, 0.5  # deadline sweep period bounds, seconds
 
 _UNPARSED = object()  # "no parse result handed over" (None means: parsed, head incomplete)
 
-# Connection states
-S_HEAD, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED = range(6)
+MIN_BODY_RATE = 500.0  # bytes/s a body must average while it holds an upstream connection; mod_reqtimeout's MinRate
+MAX_INTERIM_RESPONSES = 5  # 1xx responses relayed per request, then 502; Go net/http allows 5
+# Methods retried once on a fresh connection when a pooled one turns out closed: safe methods only, a
+# subset of what RFC 9110 section 9.2.2 calls idempotent (PUT and DELETE are idempotent by the RFC,
+# but applications do not always make them so).
+RETRY_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+
+# Client connection states
+S_HEAD, S_BODY, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED = range(7)
+STATE_NAMES = ("HEAD", "BODY", "HELD", "CONNECTING", "EXCHANGE", "TUNNEL", "CLOSED")
+
+# Every transition of a client connection, in one place (h11's _state.py is the model):
+# state -> {event: next state}. Anything else raises IllegalTransition.
+CLIENT_TRANSITIONS = {
+    # waiting for a request head (idle between requests, or reading one)
+    S_HEAD: {"read_body": S_BODY, "hold": S_HELD, "connect": S_CONNECTING, "attach": S_EXCHANGE, "close": S_CLOSED},
+    # admitted; its body (up to MAX_PENDING_BODY_BYTES) comes in before a connection is taken
+    S_BODY: {"connect": S_CONNECTING, "attach": S_EXCHANGE, "close": S_CLOSED},
+    # held while the service wakes; the body is read into pending meanwhile
+    S_HELD: {"connect": S_CONNECTING, "attach": S_EXCHANGE, "respond": S_HEAD, "close": S_CLOSED},
+    # opening an upstream connection, or queued for one at the service's limit
+    S_CONNECTING: {"attach": S_EXCHANGE, "respond": S_HEAD, "close": S_CLOSED},
+    # the head went upstream: body and response stream
+    S_EXCHANGE: {"respond": S_HEAD, "retry": S_EXCHANGE, "upgrade": S_TUNNEL, "close": S_CLOSED},
+    # bytes both ways after a 101
+    S_TUNNEL: {"close": S_CLOSED},
+    S_CLOSED: {},
+}
+# the exchange's retry goes on from S_EXCHANGE through _go_upstream: connect or attach again
+CLIENT_TRANSITIONS[S_EXCHANGE].update({"connect": S_CONNECTING, "attach": S_EXCHANGE})
 
 # Reasons reading from the client is paused (bits)
-P_UPSTREAM_FULL, P_PIPELINE_FULL, P_PENDING_FULL = 1, 2, 4
+P_UPSTREAM_FULL, P_PIPELINE_FULL, P_PENDING_FULL, P_CLIENT_NOT_READING = 1, 2, 4, 8
+P_OURS = P_UPSTREAM_FULL | P_PENDING_FULL  # pauses that stop a request body for wakegate's reasons
 
 REASONS = {
     400: "Bad Request",
@@ -169,6 +198,8 @@ class ProxyServer:
     def _sweep(self) -> None:
         now = self.loop.time()
         for conn in list(self.connections):
+            if conn.body_deadline and now >= conn.body_deadline:
+                conn.on_body_deadline()
             if conn.deadline and now >= conn.deadline:
                 conn.on_deadline()
         self._ticker = self.loop.call_later(self.tick, self._sweep)
@@ -191,8 +222,16 @@ class ProxyServer:
         return cut
 
 
+class IllegalTransition(RuntimeError):
+    """A client connection was asked to move in a way its transition table does not allow."""
+
+
 class ClientConnection(asyncio.Protocol):
-    """One client connection and the exchange (request, upstream, response) under way on it."""
+    """One client connection and the exchange (request, upstream, response) under way on it.
+
+    Its state changes only through ``_to(event)`` (the table CLIENT_TRANSITIONS), and it ends only
+    through ``_teardown()``, whichever side ends it.
+    """
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -204,7 +243,8 @@ class ClientConnection(asyncio.Protocol):
         self.client_host = ""
         self.state = S_HEAD
         self.buf = bytearray()  # client bytes not yet consumed
-        self.deadline = 0.0
+        self.deadline = 0.0  # the current phase's deadline (loop time; 0: none)
+        self.body_deadline = 0.0  # the request body's deadline while wakegate reads it (0: none)
         self.read_paused = 0  # P_* bits
         self.write_paused = False
         # the exchange
@@ -214,6 +254,8 @@ class ClientConnection(asyncio.Protocol):
         self.req_scanner = None
         self.req_body_done = True
         self.req_body_seen = 0
+        self.body_attached_at = 0.0  # loop time the body began to hold an upstream connection
+        self.body_seen_at_attach = 0
         self.up_head = b""
         self.pending: list[bytes] = []
         self.pending_size = 0
@@ -227,6 +269,7 @@ class ClientConnection(asyncio.Protocol):
         self.rbuf = bytearray()
         self.resp_left = 0
         self.resp_scanner = None
+        self.interim = 0  # 1xx responses relayed for this request
         self.responded = False  # bytes of a final response were written
         self.keep = False
         self.client_eof = False
@@ -242,6 +285,14 @@ class ClientConnection(asyncio.Protocol):
         self.status_sent = 0
         self.bytes_out = 0
 
+    # ---- the transition table's one door ----
+
+    def _to(self, event: str) -> None:
+        new = CLIENT_TRANSITIONS[self.state].get(event)
+        if new is None:
+            raise IllegalTransition(f"client connection: event {event!r} in state {STATE_NAMES[self.state]}")
+        self.state = new
+
     # ---- asyncio callbacks ----
 
     def connection_made(self, transport) -> None:
@@ -254,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state == S_HEAD and not self.buf:
+        if state == S_HEAD and not self.buf and not self.write_paused:
             self.t0 = perf_counter()
             # Fast path: one whole request head without a body, in one read.
             try:
@@ -288,19 +339,7 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc) -> None:
-        self.state = S_CLOSED
-        self.waiting_for_pool = False
-        self.server.connections.discard(self)
-        lease = self.lease
-        if lease is not None:
-            self.lease = None
-            lease.release()
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
-        if self.upstream is not None:
-            self.upstream.abort()  # its response was not finished; never reuse it
-            self.upstream = None
+        self._teardown()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -315,6 +354,13 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.resume_reading()
         if self.state == S_EXCHANGE:
             self._wait_upstream()
+        if self.read_paused & P_CLIENT_NOT_READING:
+            # The client read what we answered: go on with the requests it sent meanwhile.
+            self._resume(P_CLIENT_NOT_READING)
+            if self.state == S_HEAD and self.buf:
+                data = bytes(self.buf)
+                self.buf.clear()
+                self._consume(data)
 
     def _wait_upstream(self) -> None:
         """Deadline for the response: the service's, or the client's while it reads too slowly."""
@@ -327,18 +373,26 @@ class ClientConnection(asyncio.Protocol):
         if not self.read_paused and self.state != S_CLOSED:
             self.transport.pause_reading()
         self.read_paused |= bit
+        if bit & P_OURS:
+            self.body_deadline = 0.0  # we stopped reading: the body's clock is not the client's fault
 
     def _resume(self, bit: int) -> None:
         if self.read_paused & bit:
             self.read_paused &= ~bit
             if not self.read_paused and self.state != S_CLOSED:
                 self.transport.resume_reading()
+                if not self.req_body_done:
+                    self._arm_body_deadline()
 
     def upstream_pause_writing(self) -> None:
         self._pause(P_UPSTREAM_FULL)
+        if self.state == S_EXCHANGE and self.resp is None:
+            self.deadline = self.loop.time() + self.limits.upstream_timeout  # the service is not reading
 
     def upstream_resume_writing(self) -> None:
         self._resume(P_UPSTREAM_FULL)
+        if self.state == S_EXCHANGE and self.resp is None and not self.req_body_done:
+            self.deadline = 0.0
 
     # ---- requests ----
 
@@ -349,6 +403,12 @@ class ClientConnection(asyncio.Protocol):
         while pos < n:
             state = self.state
             if state == S_HEAD:
+                if self.write_paused:
+                    # The client does not read what we answer: read no more requests from it until
+                    # it does (responses wakegate makes itself must respect backpressure too).
+                    self.buf += data[pos:] if pos else data
+                    self._pause(P_CLIENT_NOT_READING)
+                    return
                 try:
                     head = parse_request(data, pos, self.limits.max_head_size)
                 except ProtocolError as exc:
@@ -406,6 +466,7 @@ class ClientConnection(asyncio.Protocol):
         self.route = route
         self.t_held = self.t_connect = self.t_sent = self.t_first = self.queue_s = self.connect_s = 0.0
         self.status_sent = 0
+        self.interim = 0
         body_length = head.body_length
         self.req_body_seen = 0
         if body_length == 0:
@@ -432,10 +493,20 @@ class ClientConnection(asyncio.Protocol):
             self.lease = lease
             if not lease.granted:
                 self.t_held = perf_counter()
-                self.state = S_HELD  # the body (if any) is held in pending meanwhile
+                self._to("hold")  # the body (if any) is read into pending meanwhile
                 self.deadline = 0.0  # the controller answers for the wake deadline
+                if not self.req_body_done:
+                    self._arm_body_deadline()
                 lease.on_ready = self._lease_ready
                 return
+        if not self.req_body_done and not head.expect_continue:
+            # Read the body before taking an upstream connection, up to MAX_PENDING_BODY_BYTES: a
+            # client that trickles a small body holds no connection to the service (as nginx
+            # buffers request bodies). A client that waits for 100 Continue goes upstream at once.
+            self._to("read_body")
+            self.deadline = 0.0
+            self._arm_body_deadline()
+            return
         self._go_upstream()
 
     def _go_upstream(self) -> None:
@@ -447,7 +518,7 @@ class ClientConnection(asyncio.Protocol):
             pool.reserve()
             self._connect()
         else:  # at the service's connection limit: wait for one, in arrival order
-            self.state = S_CONNECTING
+            self._to("connect")
             self.waiting_for_pool = True
             self.deadline = self.loop.time() + self.limits.upstream_timeout
             pool.wait(self)
@@ -475,7 +546,8 @@ class ClientConnection(asyncio.Protocol):
     def _connect(self) -> None:
         """Open a connection for a slot already reserved in the pool."""
         self.t_connect = perf_counter()
-        self.state = S_CONNECTING
+        if self.state != S_CONNECTING:
+            self._to("connect")
         self.deadline = self.loop.time() + self.limits.connect_timeout
         pool = self.route.pool
         self.connect_task = task = self.loop.create_task(pool.connect())
@@ -511,10 +583,14 @@ class ClientConnection(asyncio.Protocol):
             self.t_connect = 0.0
         self.upstream = conn
         conn.owner = self
-        self.state = S_EXCHANGE
-        self.deadline = self.loop.time() + (
-            self.limits.upstream_timeout if self.req_body_done else self.limits.body_timeout
-        )
+        self._to("attach")
+        if self.req_body_done:
+            self.deadline = self.loop.time() + self.limits.upstream_timeout
+        else:
+            self.deadline = 0.0  # the body's deadline governs until the body is in
+            self.body_attached_at = self.loop.time()
+            self.body_seen_at_attach = self.req_body_seen
+            self._arm_body_deadline()
         if self.write_paused:
             conn.pause_reading()
         if self.pending:
@@ -524,6 +600,20 @@ class ClientConnection(asyncio.Protocol):
             self._resume(P_PENDING_FULL)
         else:
             conn.transport.write(self.up_head)
+
+    def _arm_body_deadline(self) -> None:
+        """The client must go on sending its body: within body_timeout of its last bytes, and, while
+        the body holds an upstream connection, at MIN_BODY_RATE on average after a body_timeout's
+        grace (Apache mod_reqtimeout's body=20,MinRate=500 rule), so a trickle cannot hold it."""
+        if self.read_paused & P_OURS:
+            self.body_deadline = 0.0  # wakegate, not the client, stopped the body
+            return
+        now = self.loop.time()
+        deadline = now + self.limits.body_timeout
+        if self.upstream is not None:
+            allowance = (self.req_body_seen - self.body_seen_at_attach) / MIN_BODY_RATE
+            deadline = min(deadline, self.body_attached_at + self.limits.body_timeout + allowance)
+        self.body_deadline = deadline
 
     def _request_body(self, data: bytes, pos: int, n: int) -> int:
         """Forward request body bytes from data[pos:]; how many were body, or -1 if closed."""
@@ -550,15 +640,18 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.pending.append(chunk)
                 self.pending_size += k
-                if self.pending_size > MAX_PENDING_BODY_BYTES:
+                if self.pending_size > MAX_PENDING_BODY_BYTES and self.state != S_BODY:
                     self._pause(P_PENDING_FULL)
         if done:
             self.req_body_done = True
             self.req_scanner = None
+            self.body_deadline = 0.0
             if self.state == S_EXCHANGE and self.resp is None:
                 self.deadline = self.loop.time() + self.limits.upstream_timeout
         else:
-            self.deadline = self.loop.time() + self.limits.body_timeout
+            self._arm_body_deadline()
+        if self.state == S_BODY and (done or self.pending_size > MAX_PENDING_BODY_BYTES):
+            self._go_upstream()  # the body is in, or too large to hold: stream the rest
         return k
 
     # ---- responses ----
@@ -648,6 +741,10 @@ class ClientConnection(asyncio.Protocol):
             pos += resp.length
             if resp.status >= 200 or resp.status == 101:
                 break
+            self.interim += 1
+            if self.interim > MAX_INTERIM_RESPONSES:
+                self._upstream_broken(f"more than {MAX_INTERIM_RESPONSES} interim (1xx) responses")
+                return
             if req.version:  # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client
                 self.transport.write(build_response(resp, True, 1))
         if resp.status == 101:
@@ -698,7 +795,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _tunnel(self, resp, rest: bytes) -> None:
         """After a 101, both sides are bytes until either closes."""
-        self.state = S_TUNNEL
+        self._to("upgrade")
         self.resp = resp
         self.responded = True
         if self.lease is not None:
@@ -708,6 +805,7 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.transport.write(bytes(self.buf))
             self.buf.clear()
         self._resume(P_PIPELINE_FULL)
+        self.body_deadline = 0.0
         self.deadline = self.loop.time() + self.limits.tunnel_timeout
 
     def _finish(self, clean: bool) -> None:
@@ -717,7 +815,7 @@ class ClientConnection(asyncio.Protocol):
         conn = self.upstream
         self.upstream = None
         if conn is not None:
-            if clean and self.resp.keep_alive and self.req_body_done:
+            if clean and self.resp is not None and self.resp.keep_alive and self.req_body_done:
                 self.route.pool.give_back(conn)
             else:
                 conn.close()
@@ -725,14 +823,15 @@ class ClientConnection(asyncio.Protocol):
         self.resp_scanner = None
         self.req = None
         self.route = None
+        self.body_deadline = 0.0
         lease = self.lease
         if lease is not None:
             self.lease = None
             lease.release()
-        if not self.keep or self.server.draining or self.client_eof:
+        if not self.keep or self.server.draining or self.client_eof or not self.req_body_done:
             self.close()
             return
-        self.state = S_HEAD
+        self._to("respond")
         self.idle = True
         self.deadline = self.loop.time() + self.limits.keepalive_timeout
         if self.buf:
@@ -758,9 +857,12 @@ class ClientConnection(asyncio.Protocol):
                 log.warning("upstream for %s closed in the middle of a response", self.route.name)
                 self.close()  # the client sees a short body: the truth
             return
-        if conn.reused and not self.retried and not self.rbuf and self.req.body_length == 0:
-            # A pooled connection the service had already closed: try once on a fresh one.
+        if (conn.reused and not self.retried and not self.rbuf and not self.interim
+                and self.req.body_length == 0 and self.req.method in RETRY_METHODS):
+            # A pooled connection the service had already closed, before any of the response came:
+            # a request that is safe to repeat tries once more on a fresh one (RFC 9110 section 9.2.2).
             self.retried = True
+            self._to("retry")
             self._go_upstream()
             return
         self._count_upstream_error("reset")
@@ -806,6 +908,7 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_out = len(out)
             self._record()
             self.req = None
+            self.route = None
         else:
             self._count_client_error(status)
         if not keep:
@@ -819,7 +922,11 @@ class ClientConnection(asyncio.Protocol):
         log.info("client %s: %d %s", self.client_addr.decode(), status, why)
         self._count_client_error(status)
         if not self.responded and self.state != S_CLOSED:
-            self.transport.write(error_response(status, False))
+            out = error_response(status, False)
+            self.transport.write(out)
+            self.responded = True
+            self.status_sent = status  # a routed request is recorded with it, not as 499
+            self.bytes_out = len(out)
         self.close()
 
     # ---- measuring ----
@@ -877,6 +984,21 @@ class ClientConnection(asyncio.Protocol):
             errors = self.route.stats.upstream_errors
             errors[reason] = errors.get(reason, 0) + 1
 
+    # ---- deadlines (swept by the server's ticker) ----
+
+    def on_body_deadline(self) -> None:
+        """The client stopped sending its request body (or sends it too slowly)."""
+        self.body_deadline = 0.0
+        if self.state == S_CLOSED or self.req_body_done:
+            return
+        why = "request body too slow"
+        if self.state == S_HELD:
+            why += " while the service woke"
+        if self.resp is None:
+            self._reject(408, why)
+        else:
+            self.close()  # the response is already under way: it cannot become a 408
+
     def on_deadline(self) -> None:
         state = self.state
         if state == S_HEAD:
@@ -884,8 +1006,6 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(408, "request head too slow")
             else:
                 self.close()  # idle keep-alive connection
-        elif state == S_HELD:
-            self._reject(408, "request body too slow while the service woke")
         elif state == S_CONNECTING:
             if self.connect_task is not None:
                 self.connect_task.cancel()
@@ -897,11 +1017,6 @@ class ClientConnection(asyncio.Protocol):
             if self.write_paused and self.responded:
                 log.info("client %s reads too slowly; closing", self.client_addr.decode())
                 self.close()
-            elif not self.req_body_done and self.resp is None:
-                if self.upstream is not None:
-                    self.upstream.abort()
-                    self.upstream = None
-                self._reject(408, "request body too slow")
             else:
                 self._count_upstream_error("timeout")
                 self._upstream_error(504, "upstream timed out")
@@ -913,27 +1028,40 @@ class ClientConnection(asyncio.Protocol):
         if self.state == S_HEAD and not self.buf:
             self.close()
 
+    # ---- the end: one teardown, whoever ends the connection ----
+
+    def _teardown(self) -> bool:
+        """Record an unfinished exchange, give back everything it held; False if already done."""
+        if self.state == S_CLOSED:
+            return False
+        if self.req is not None and self.route is not None:
+            if not self.status_sent:
+                self.status_sent = 499  # nginx's code: the client went away first
+            self._record()
+        self._to("close")
+        self.deadline = 0.0
+        self.body_deadline = 0.0
+        self.waiting_for_pool = False
+        self.server.connections.discard(self)
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            lease.release()
+        if self.upstream is not None:
+            self.upstream.abort()  # its exchange was not finished; never reuse it
+            self.upstream = None
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self.pending.clear()
+        self.pending_size = 0
+        self.buf.clear()
+        return True
+
     def close(self) -> None:
-        if self.state != S_CLOSED:
-            if self.req is not None and self.route is not None:
-                if not self.status_sent:
-                    self.status_sent = 499  # nginx's code: the client went away first
-                self._record()
-            self.state = S_CLOSED
-            self.deadline = 0.0
-            self.waiting_for_pool = False
+        if self._teardown():
             self.transport.close()
-            lease = self.lease
-            if lease is not None:
-                self.lease = None
-                lease.release()
-            if self.upstream is not None:
-                self.upstream.abort()
-                self.upstream = None
-            if self.connect_task is not None:
-                self.connect_task.cancel()
-                self.connect_task = None
 
     def abort(self) -> None:
-        self.close()
+        self._teardown()
         self.transport.abort()

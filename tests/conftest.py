@@ -28,6 +28,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -219,3 +220,72 @@ def start_wakegate(tmp_path_factory):
     yield start
     for w in started:
         w.stop()
+
+
+class ScriptedOrigin:
+    """A raw-socket origin whose answers a test scripts: ``answer(method, path, nth)`` returns the
+    bytes to send for the nth request (0-based) on its connection, or None to close without an
+    answer. Every request that arrives is logged in ``seen`` as (method, path, nth)."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.seen: list[tuple[str, str, int]] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        nth = 0
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.split(b"\r\n")
+                method, path = lines[0].split(b" ")[:2]
+                length = 0
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buf) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                buf = buf[length:]
+                self.seen.append((method.decode(), path.decode(), nth))
+                out = self.answer(method.decode(), path.decode(), nth)
+                if out is None:
+                    return
+                conn.sendall(out)
+                nth += 1
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.listener.close()
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass

@@ -1,6 +1,7 @@
 """controller (service life cycle, process backends, admin API) end to end: real wakegate,
 real backend processes that really freeze, stop, crash and wake."""
 
+import hashlib
 import json
 import os
 import random
@@ -330,3 +331,21 @@ def test_soak_sleep_wake_cycles(wg):
     s = state(w, "soak")
     assert results and all(code == 200 for code in results), {c: results.count(c) for c in set(results)}
     assert s["wakes"] >= 300, s  # several hundred sleep/wake cycles
+
+
+# ---- issue 10, defect 1: a held request whose body is in waits for the wake, not body_timeout ----
+
+@pytest.mark.parametrize("size", [10, 200 * 1024])  # within and over the 64 KiB held-body buffer
+def test_held_request_with_its_body_in_outlasts_body_timeout(wg, size):
+    port = free_port()
+    w = wg('[proxy]\nbody_timeout = "300ms"\n'
+           + service("held", port, sleep="stop", wake="20s", args=("--startup-delay", "1.2")))
+    body = os.urandom(size)
+    c = Client(w.port, timeout=20)
+    c.send(f"POST /count HTTP/1.1\r\nHost: held.test\r\nContent-Length: {size}\r\n\r\n".encode() + body[:5])
+    time.sleep(0.05)
+    c.send(body[5:])  # the body is complete here, long before the wake is
+    response = c.response(b"POST")
+    assert response.status == 200, response
+    assert response.body == f"{size} {hashlib.sha256(body).hexdigest()}".encode()
+    c.close()

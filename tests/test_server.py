@@ -7,12 +7,14 @@ import os
 import signal
 import socket
 import subprocess
+import struct
 import threading
 import time
+import urllib.request
 
 import pytest
 
-from .conftest import Backend, Client, Wakegate, free_port
+from .conftest import Backend, Client, ScriptedOrigin, Wakegate, free_port
 
 
 def config_for(backend_port: int, extra_proxy: str = "", extra: str = "") -> str:
@@ -403,3 +405,168 @@ def test_upstream_connection_limit_queues_requests(backend, start_wakegate):
     assert [status for status, _ in results] == [200] * 12
     assert len({port for _, port in results}) <= 2  # never more than two upstream connections
     assert time.monotonic() - started >= 1.0  # 12 slow requests, two at a time
+
+
+# ---- issue 10: nothing lost, nothing duplicated ----------------------------------
+
+def _ok(body=b"ok"):
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def _gone_after_first(method, path, nth):
+    """Answer the first request on a connection, then take the next one in and close silently:
+    a pooled connection that the service closed just as wakegate reused it."""
+    return _ok() if nth == 0 else None
+
+
+RETRIES = [
+    # method, status the client gets, times the request reached the origin
+    ("GET", 200, 2),
+    ("HEAD", 200, 2),
+    ("OPTIONS", 200, 2),
+    ("POST", 502, 1),
+    ("PATCH", 502, 1),
+    ("DELETE", 502, 1),
+    ("PUT", 502, 1),
+]
+
+
+@pytest.mark.parametrize("method,status,times", RETRIES)
+def test_only_safe_requests_are_retried_on_a_fresh_connection(start_wakegate, method, status, times):
+    origin = ScriptedOrigin(_gone_after_first)
+    try:
+        w = start_wakegate(f'[services.o]\nhosts = ["o.test"]\nupstream = "127.0.0.1:{origin.port}"\n')
+        c = Client(w.port)
+        assert c.request(get("/warm", host="o.test")).status == 200  # one pooled connection now
+        extra = "Content-Length: 0\r\n" if method in ("POST", "PUT", "PATCH") else ""
+        response = Client(w.port).request(
+            f"{method} /once HTTP/1.1\r\nHost: o.test\r\n{extra}\r\n".encode(), method.encode())
+        assert response.status == status
+        assert [m for m, p, _ in origin.seen if p == "/once"] == [method] * times
+    finally:
+        origin.stop()
+
+
+def test_response_with_both_framings_is_framed_by_chunked(start_wakegate):
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    origin = ScriptedOrigin(lambda m, p, nth: both if p == "/both" else _ok(b"next"))
+    try:
+        w = start_wakegate(f'[services.o]\nhosts = ["o.test"]\nupstream = "127.0.0.1:{origin.port}"\n')
+        c = Client(w.port)
+        response = c.request(get("/both", host="o.test"))
+        assert response.body == b"abc"
+        assert response.header(b"content-length") is None
+        assert response.header(b"transfer-encoding") == b"chunked"
+        assert c.request(get("/after", host="o.test")).body == b"next"  # the client connection lives on
+    finally:
+        origin.stop()
+
+
+def test_interim_responses_are_bounded(start_wakegate):
+    flood = b"HTTP/1.1 100 Continue\r\n\r\n" * 10_000 + _ok()
+    origin = ScriptedOrigin(lambda m, p, nth: flood)
+    try:
+        w = start_wakegate(f'[services.o]\nhosts = ["o.test"]\nupstream = "127.0.0.1:{origin.port}"\n')
+        response = Client(w.port).request(get("/", host="o.test"))
+        assert response.status == 502
+        assert len(response.informational) <= 5
+    finally:
+        origin.stop()
+
+
+def test_client_that_reads_no_local_answers_is_not_buffered(backend, start_wakegate):
+    w = start_wakegate(config_for(backend.port))
+    c = Client(w.port, timeout=2)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    before = w.rss_kib()
+    burst = get("/", host="unknown.test") * 2000  # ~80 KB of requests, each answered 404 by wakegate
+    sent = 0
+    try:
+        while sent < 300 << 20:
+            c.sock.sendall(burst)
+            sent += len(burst)
+    except socket.timeout:
+        pass  # wakegate stopped reading: what the kernel buffers is all it takes
+    grown = w.rss_kib() - before
+    assert sent < 64 << 20, f"wakegate read {sent >> 20} MiB of requests it could not answer"
+    assert grown < 32 * 1024, f"wakegate grew by {grown} KiB"
+    other = Client(w.port)
+    assert other.request(get("/hello")).body == b"hello"  # and it serves others meanwhile
+    c.close()
+
+
+def _access_lines(path, count, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_every_routed_request_is_recorded_with_its_status(backend, start_wakegate, tmp_path):
+    access = tmp_path / "access.log"
+    w = start_wakegate(config_for(backend.port, 'body_timeout = "300ms"\nmax_body_size = "1KiB"',
+                                  f'\n[log]\naccess = "{access}"\n'))
+    # a client reset in the middle of an exchange
+    reset = Client(w.port)
+    reset.send(get("/slow?delay=1"))
+    time.sleep(0.2)
+    reset.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset.close()
+    # a body that stops coming: 408 after routing
+    slow = Client(w.port)
+    assert slow.request(b"POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 10\r\n\r\nabc").status == 408
+    # a chunked body that grows too large: 413 after routing
+    big = Client(w.port)
+    big.send(b"POST /count HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert big.request(b"800\r\n" + b"x" * 2048 + b"\r\n").status == 413
+    lines = _access_lines(access, 3)
+    assert sorted((line["path"], line["status"]) for line in lines) == [
+        ("/count", 413), ("/echo", 408), ("/slow?delay=1", 499)]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{w.admin_port}/metrics", timeout=5).read().decode()
+    for code in (408, 413, 499):
+        assert f'wakegate_requests_total{{code="{code}",service="app"}} 1.0' in metrics or \
+            f'wakegate_requests_total{{service="app",code="{code}"}} 1.0' in metrics, code
+
+
+# ---- issue 10: slow uploads cannot lock a service out ------------------------------
+
+def test_trickling_small_bodies_hold_no_upstream_connection(backend, start_wakegate):
+    w = start_wakegate(config_for(backend.port, 'upstream_max_connections = 2\nbody_timeout = "3s"\n'
+                                                'upstream_timeout = "2s"'))
+    tricklers = []
+    for _ in range(6):  # three times the service's connection limit
+        t = Client(w.port)
+        t.send(b"POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100\r\n\r\nab")
+        tricklers.append(t)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert Client(w.port).request(get("/hello")).body == b"hello"
+    assert time.monotonic() - started < 1.0
+    for t in tricklers:  # and they are served once their bodies are in
+        t.send(b"c" * 98)
+        assert t.response(b"POST").body == b"ab" + b"c" * 98
+        t.close()
+
+
+def test_trickling_large_body_is_cut_off_at_the_minimum_rate(backend, start_wakegate):
+    w = start_wakegate(config_for(backend.port, 'upstream_max_connections = 1\nbody_timeout = "500ms"\n'
+                                                'upstream_timeout = "5s"'))
+    t = Client(w.port)
+    t.send(b"POST /count HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1000000\r\n\r\n" + b"x" * (70 * 1024))
+    started = time.monotonic()
+    cut = None
+    for _ in range(100):  # a byte every 200 ms: within body_timeout each time, far under 500 B/s
+        try:
+            t.send(b"y")
+        except OSError:
+            cut = time.monotonic() - started
+            break
+        if t.is_closed(0.2):
+            cut = time.monotonic() - started
+            break
+    assert cut is not None and cut < 3.0, cut
+    started = time.monotonic()
+    assert Client(w.port).request(get("/hello")).body == b"hello"  # the connection is free again
+    assert time.monotonic() - started < 1.0

@@ -1,8 +1,11 @@
 """Backends that can sleep and wake: a process tree, frozen in place or stopped.
 
-``ProcessBackend`` starts a command in its own process group, freezes it
-(cgroup v2 ``cgroup.freeze``, cgroup v1 ``freezer.state``, SIGSTOP/SIGCONT as
-the last resort) or terminates it, and reports when it exits on its own.
+``ProcessBackend`` starts a command in its own process group and its own cgroup under
+``wakegate/<instance>/<service>``, freezes it (cgroup v2 ``cgroup.freeze``, cgroup v1
+``freezer.state``, SIGSTOP/SIGCONT as the last resort) or terminates it, and reports when it
+exits on its own. Every service process dies with wakegate (a parent-death signal), and
+``reap_leftovers`` kills what an earlier wakegate of the same instance left behind (its cgroups
+and its pid files), so a restart never meets an orphan on its port or a frozen cgroup.
 Waking ends with a readiness probe: a real HTTP answer below 500.
 """
 
@@ -11,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +29,110 @@ log = logging.getLogger("wakegate.backend")
 STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this; Docker's stop timeout is 10 s, Kubernetes' 30 s
 FREEZE_POLL = 0.0005  # cgroup v1 reports FREEZING until every task is stopped; poll this often
 FREEZE_TIMEOUT = 2.0  # a freeze that takes longer is given up, and the process is stopped instead
+REAP_TIMEOUT = 2.0  # leftovers of an earlier wakegate must be gone within this after SIGKILL
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 EXIT_POLL = 0.05  # without pidfd_open, how often a child is checked for exit
+# Service processes get SIGKILL when wakegate dies, however it dies (util-linux setpriv, on every Debian).
+PDEATHSIG = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
+def instance_name(host: str, port: int) -> str:
+    """This wakegate's name on the host: its proxy listener, which no other live wakegate can share,
+    and which the same config gets again after a restart."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{host}-{port}")
+
+
+def runtime_dir(instance: str) -> Path:
+    """Where this instance's pid files live (/run/wakegate when root, else the temp dir)."""
+    base = Path("/run/wakegate") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir()) / f"wakegate-{os.getuid()}"
+    return base / instance
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): a pid and
+    its start time name one process, never a later one that reused the pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _cgroup_roots(cgroup_root: Path = CGROUP_ROOT) -> list[Path]:
+    """Where wakegate's cgroups can be: the v2 root, the v1 freezer, the v2 half of a hybrid host."""
+    return [cgroup_root, cgroup_root / "freezer", cgroup_root / "unified"]
+
+
+def reap_leftovers(instance: str, cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Kill every process an earlier wakegate of this instance left behind; the number killed.
+
+    Its cgroups are thawed, emptied with SIGKILL and removed; its pid files name process groups
+    that are killed if the recorded process is still the same one (pid and start time).
+    """
+    killed = 0
+    for root in _cgroup_roots(cgroup_root):
+        base = root / "wakegate" / instance
+        if not base.is_dir():
+            continue
+        for group in sorted(p for p in base.iterdir() if p.is_dir()):
+            killed += _empty_cgroup(group)
+            try:
+                group.rmdir()
+            except OSError as exc:
+                log.warning("cannot remove %s left by an earlier wakegate: %s", group, exc.strerror)
+        try:
+            base.rmdir()
+        except OSError:
+            pass
+    pid_dir = runtime_dir(instance)
+    if pid_dir.is_dir():
+        for pidfile in pid_dir.glob("*.pid"):
+            try:
+                pid_text, started = pidfile.read_text().split()
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, started = 0, ""
+            if pid > 1 and _start_time(pid) == started:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                    killed += 1
+                except (ProcessLookupError, PermissionError):
+                    pass
+            pidfile.unlink(missing_ok=True)
+    if killed:
+        log.warning("killed %d service process(es) left behind by an earlier wakegate (instance %s)", killed, instance)
+    return killed
+
+
+def _empty_cgroup(group: Path) -> int:
+    """Thaw a cgroup and SIGKILL everything in it until it is empty; how many were killed."""
+    for name, value in (("cgroup.freeze", "0"), ("freezer.state", "THAWED")):
+        try:
+            (group / name).write_text(value)  # a v1-frozen task acts on SIGKILL only once thawed
+        except OSError:
+            pass
+    killed = 0
+    deadline = time.monotonic() + REAP_TIMEOUT
+    while True:
+        try:
+            pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        except OSError:
+            return killed
+        if not pids:
+            return killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            log.warning("%s still has processes %s after SIGKILL", group, pids)
+            return killed
+        time.sleep(0.01)
 
 
 class Freezer:
-    """Freezes and thaws one process tree."""
+    """Freezes and thaws one process tree, and tracks it (``adopt``, ``remove``)."""
 
     name = "none"
 
@@ -44,22 +148,46 @@ class Freezer:
     def remove(self) -> None:
         """Forget the process tree (it has exited)."""
 
+    def kill_rest(self, pgid: int) -> None:
+        """SIGKILL whatever of the tree is left after its leader exited."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
-class CgroupV2Freezer(Freezer):
+
+class _CgroupFreezer(Freezer):
+    """A cgroup of its own for one service of one wakegate instance."""
+
+    def __init__(self, root: Path, service: str, instance: str) -> None:
+        self.path = root / "wakegate" / instance / service
+
+    def adopt(self, pid: int) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _empty_cgroup(self.path)  # never put a new process into a frozen or occupied group
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def kill_rest(self, pgid: int) -> None:
+        super().kill_rest(pgid)
+        if self.path.is_dir():
+            _empty_cgroup(self.path)  # also what left the process group (setsid) but not the cgroup
+
+    def remove(self) -> None:
+        for path in (self.path, self.path.parent):  # the instance's directory goes when it is empty
+            try:
+                path.rmdir()
+            except OSError:
+                return
+
+
+class CgroupV2Freezer(_CgroupFreezer):
     """cgroup v2: write 1 or 0 to cgroup.freeze; cgroup.events says when it is done."""
 
     name = "cgroup v2 cgroup.freeze"
 
-    def __init__(self, root: Path, service: str) -> None:
-        self.path = root / "wakegate" / service
-
     @staticmethod
     def available(root: Path) -> bool:
         return (root / "cgroup.controllers").exists() and os.access(root, os.W_OK)
-
-    def adopt(self, pid: int) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "cgroup.procs").write_text(str(pid))
 
     async def _set(self, value: str, frozen: str) -> None:
         (self.path / "cgroup.freeze").write_text(value)
@@ -75,28 +203,15 @@ class CgroupV2Freezer(Freezer):
     async def thaw(self) -> None:
         await self._set("0", "0")
 
-    def remove(self) -> None:
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
 
-
-class CgroupV1Freezer(Freezer):
+class CgroupV1Freezer(_CgroupFreezer):
     """cgroup v1: FROZEN or THAWED in freezer.state; FREEZING until every task has stopped."""
 
     name = "cgroup v1 freezer.state"
 
-    def __init__(self, root: Path, service: str) -> None:
-        self.path = root / "wakegate" / service
-
     @staticmethod
     def available(root: Path) -> bool:
         return (root / "freezer.state").exists() or ((root / "cgroup.procs").exists() and os.access(root, os.W_OK))
-
-    def adopt(self, pid: int) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "cgroup.procs").write_text(str(pid))
 
     async def freeze(self) -> None:
         state = self.path / "freezer.state"
@@ -110,12 +225,6 @@ class CgroupV1Freezer(Freezer):
 
     async def thaw(self) -> None:
         (self.path / "freezer.state").write_text("THAWED")
-
-    def remove(self) -> None:
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
 
 
 class SignalFreezer(Freezer):
@@ -136,7 +245,7 @@ class SignalFreezer(Freezer):
         os.killpg(self.pgid, signal.SIGCONT)
 
 
-def choose_freezer(service: str, cgroup_root: Path = CGROUP_ROOT) -> Freezer:
+def choose_freezer(service: str, cgroup_root: Path = CGROUP_ROOT, instance: str = "default") -> Freezer:
     """The best freezer this host offers: cgroup v2, then v1, then signals."""
     candidates = []
     if (cgroup_root / "cgroup.controllers").exists():
@@ -147,14 +256,16 @@ def choose_freezer(service: str, cgroup_root: Path = CGROUP_ROOT) -> Freezer:
     for cls, root in candidates:
         if not cls.available(root):
             continue
-        freezer = cls(root, service)
-        try:  # prove it: make and remove the service's group
+        freezer = cls(root, service, instance)
+        probe = root / ("cgroup.freeze" if cls is CgroupV2Freezer else "freezer.state")
+        try:  # prove it: the group can be made (adopt makes it again) and frozen
             freezer.path.mkdir(parents=True, exist_ok=True)
-            probe = freezer.path / ("cgroup.freeze" if cls is CgroupV2Freezer else "freezer.state")
-            if probe.exists() and os.access(probe, os.W_OK):
-                return freezer
+            usable = (freezer.path / probe.name).exists() and os.access(freezer.path / probe.name, os.W_OK)
+            freezer.remove()
         except OSError:
             continue
+        if usable:
+            return freezer
     return SignalFreezer()
 
 
@@ -198,7 +309,7 @@ class ProcessBackend:
 
     def __init__(self, name: str, command: list[str], *, cwd: str | None, env: dict[str, str] | None,
                  mode: str, host: str, port: int, ready_path: str, ready_timeout: float,
-                 freezer: Freezer | None = None) -> None:
+                 freezer: Freezer | None = None, instance: str = "default") -> None:
         self.name = name
         self.command = command
         self.cwd = cwd
@@ -208,12 +319,17 @@ class ProcessBackend:
         self.port = port
         self.ready_path = ready_path
         self.ready_timeout = ready_timeout
+        self.instance = instance
         self.keeps_connections = mode == "pause"
-        self.freezer = freezer if freezer is not None else (choose_freezer(name) if mode == "pause" else SignalFreezer())
+        # A cgroup of its own in both modes when the host has one: pause freezes it, and either way a
+        # later wakegate finds whatever this one leaves behind.
+        self.freezer = freezer if freezer is not None else choose_freezer(name, instance=instance)
+        self.pidfile = runtime_dir(instance) / f"{name}.pid"
         self.proc: subprocess.Popen | None = None
         self.pools: list = []  # the proxy's pools for this address: a thawed process is probed over one
         self.frozen = False
         self._exited: asyncio.Future | None = None
+        self._stopping: asyncio.Future | None = None
         self.last_resume_seconds: float | None = None  # backend's own part of the last wake
         self.last_ready_seconds: float | None = None  # readiness wait of the last wake
         if mode == "pause":
@@ -229,9 +345,15 @@ class ProcessBackend:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        """A process that is up and not being stopped (a stop under way never counts as up)."""
+        return self.proc is not None and self.proc.poll() is None and self._stopping is None
+
+    def describe(self) -> dict:
+        return {"pid": self.proc.pid if self.running else None}
 
     async def wake(self, deadline: float) -> None:
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)  # the last process must be gone: it holds the port
         started = time.monotonic()
         thawed = False
         if self.running and self.frozen:
@@ -251,38 +373,68 @@ class ProcessBackend:
         for pool in self.pools:
             try:
                 status = await probe_pooled(pool, f"{self.host}:{self.port}", self.ready_path, ATTEMPT_FIRST)
-            except (OSError, TimeoutError, asyncio.TimeoutError, Exception):
+            except Exception:
                 return False
             if status is not None:
                 return status < 500
         return False
 
+    def _resolve(self, env: dict | None) -> str:
+        """The command's executable, checked before anything is spawned."""
+        program = self.command[0]
+        if os.sep in program:
+            path = program if os.path.isabs(program) or self.cwd is None else os.path.join(self.cwd, program)
+            if not os.path.isfile(path):
+                raise RuntimeError(f"cannot start {program!r}: no such file")
+            if not os.access(path, os.X_OK):
+                raise RuntimeError(f"cannot start {program!r}: not executable")
+            return path
+        found = shutil.which(program, path=(env or os.environ).get("PATH"))
+        if found is None:
+            raise RuntimeError(f"cannot start {program!r}: not found on PATH")
+        return found
+
     async def _start(self) -> None:
         env = None
         if self.env is not None:
             env = {**os.environ, **self.env}
+        program = self._resolve(env)
         # subprocess.Popen spawns with vfork: a few milliseconds less than forking all of wakegate,
-        # which is what a cold start's first request waits for.
+        # which is what a cold start's first request waits for. setpriv sets the parent-death signal.
         try:
             self.proc = proc = subprocess.Popen(
-                self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+                PDEATHSIG + [program, *self.command[1:]], cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         except OSError as exc:
             raise RuntimeError(f"cannot start {self.command[0]!r}: {exc.strerror or exc}") from None
         self.frozen = False
         loop = asyncio.get_running_loop()
         self._exited = exited = loop.create_future()
-        if self.mode == "pause":
+        try:
             self.freezer.adopt(proc.pid)
+        except OSError as exc:
+            log.warning("service %s: cannot put pid %d in its cgroup: %s", self.name, proc.pid, exc)
+        self._record_pid(proc.pid)
         self._watch(proc, exited, loop)
         log.info("service %s: started pid %d: %s", self.name, proc.pid, " ".join(self.command))
+
+    def _record_pid(self, pid: int) -> None:
+        started = _start_time(pid)
+        if started is None:
+            return
+        try:
+            self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+            self.pidfile.write_text(f"{pid} {started}\n")
+        except OSError as exc:
+            log.warning("service %s: cannot write %s: %s", self.name, self.pidfile, exc.strerror)
 
     def _watch(self, proc: subprocess.Popen, exited: asyncio.Future, loop) -> None:
         def gone(returncode: int) -> None:
             if self.proc is proc:
                 self.frozen = False
-                if self.mode == "pause":
-                    self.freezer.remove()
+                self.freezer.remove()
+                self.pidfile.unlink(missing_ok=True)
 
         watch_exit(proc, exited, loop, gone)
 
@@ -296,18 +448,27 @@ class ProcessBackend:
             await self.stop()
 
     async def stop(self) -> None:
-        """Terminate the process group: SIGTERM, then SIGKILL after STOP_GRACE."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
+        """Terminate the process group: SIGTERM, then SIGKILL after STOP_GRACE. Concurrent callers
+        wait for the same stop, and a wake waits for it too."""
+        if self._stopping is None:
+            proc = self.proc
+            if proc is None or proc.poll() is not None:
+                return
+            self._stopping = asyncio.ensure_future(self._terminate(proc))
+        stopping = self._stopping
+        try:
+            await asyncio.shield(stopping)
+        finally:
+            if self._stopping is stopping and stopping.done():
+                self._stopping = None
+
+    async def _terminate(self, proc: subprocess.Popen) -> None:
         pgid = proc.pid
         try:
+            os.killpg(pgid, signal.SIGTERM)
             if self.frozen:
-                os.killpg(pgid, signal.SIGTERM)
                 await self.freezer.thaw()  # a frozen process cannot act on SIGTERM
                 self.frozen = False
-            else:
-                os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
             return
         exited = self.exited()
@@ -320,7 +481,4 @@ class ProcessBackend:
             except ProcessLookupError:
                 pass
             await exited
-        try:  # stragglers left in the group
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.freezer.kill_rest(pgid)  # stragglers left in the group

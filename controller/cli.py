@@ -86,12 +86,20 @@ async def serve(config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: a signal must never find us unprepared
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-        admin = await start_admin(controller, config.admin, exposition)
-    except OSError as exc:
-        print(f"wakegate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+    for key, start in (("proxy.listen", server.start), ("admin.listen", lambda: start_admin(controller, config.admin,
+                                                                                             exposition))):
+        try:
+            started = await start()
+        except OSError as exc:
+            address = config.proxy.listen if key == "proxy.listen" else config.admin.listen
+            print(f"wakegate: {config.path}: {key}: cannot listen on {address}: {exc.strerror or exc}", file=sys.stderr)
+            if key == "admin.listen":
+                await server.drain(0)
+            return EXIT_CONFIG
+        if key == "admin.listen":
+            admin = started
+        else:
+            controller.reap_leftovers()  # the listener is ours: no live wakegate is this instance
     controller.start()
     # Everything built so far (config, routes, services) lives as long as the process: keep it out of
     # the garbage collector's full passes, which otherwise walk ~20 objects per configured service.

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from .backends import ProcessBackend
+from .backends import ProcessBackend, instance_name, reap_leftovers
 from .service import READY, Service
 
 log = logging.getLogger("wakegate.controller")
@@ -18,7 +18,7 @@ log = logging.getLogger("wakegate.controller")
 EXPIRE_TICK_MAX = 0.1  # how often held requests are checked against wake_timeout, at most
 
 
-def make_backend(svc):
+def make_backend(svc, instance: str = "default"):
     """The backend a service config asks for: a process, a microVM, or None (always up)."""
     if svc.microvm is not None:
         from .microvm import MicroVMBackend
@@ -29,7 +29,7 @@ def make_backend(svc):
     if svc.command:
         return ProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, mode=svc.sleep,
                               host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
-                              ready_timeout=svc.wake_timeout)
+                              ready_timeout=svc.wake_timeout, instance=instance)
     return None
 
 
@@ -37,9 +37,11 @@ class Controller:
     def __init__(self, config, pools: dict) -> None:
         """pools: service name -> the proxy's UpstreamPool for it."""
         self.config = config
+        listen = config.proxy.listen
+        self.instance = instance_name(listen.host, listen.port)
         self.services: dict[str, Service] = {}
         for name, svc in config.services.items():
-            backend = make_backend(svc)
+            backend = make_backend(svc, self.instance)
             if backend is not None and name in pools:
                 backend.pools = [pools[name]]
             self.services[name] = Service(
@@ -56,6 +58,11 @@ class Controller:
         timeouts = [s.wake_timeout for s in self.services.values()] or [1.0]
         self.tick = min(EXPIRE_TICK_MAX, min(timeouts) / 10)
         self._ticker: asyncio.TimerHandle | None = None
+
+    def reap_leftovers(self) -> int:
+        """Kill what an earlier wakegate with this proxy listener left behind. Call it only once the
+        listener is bound: then no live wakegate is this instance."""
+        return reap_leftovers(self.instance)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -90,19 +97,9 @@ class Controller:
                     "last_ready_ms": None if not backend or backend.last_ready_seconds is None
                     else round(backend.last_ready_seconds * 1e3, 3),
                     "idle_seconds": round(time.monotonic() - s.idle_since, 3) if s.state is READY and not s.in_flight else 0,
-                    "pid": backend.proc.pid if backend and backend.running else None,
+                    **(backend.describe() if backend else {"pid": None}),
                 }
             )
-            if hasattr(backend, "boots"):  # a microVM
-                out[-1]["microvm"] = {
-                    "policy": backend.policy,
-                    "boots": dict(backend.boots),
-                    "last_wake_kind": backend.last_wake_kind,
-                    "snapshot": str(backend.vmstate) if backend.snapshot_bytes else None,
-                    "snapshot_bytes": backend.snapshot_bytes,
-                    "last_save_ms": None if backend.last_save_seconds is None
-                    else round(backend.last_save_seconds * 1e3, 3),
-                }
         return out
 
     async def close(self) -> None:

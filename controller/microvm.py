@@ -149,6 +149,20 @@ class MicroVMBackend:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def describe(self) -> dict:
+        """The admin API's view: the QEMU pid and the snapshot's state."""
+        return {
+            "pid": self.proc.pid if self.running else None,
+            "microvm": {
+                "policy": self.policy,
+                "boots": dict(self.boots),
+                "last_wake_kind": self.last_wake_kind,
+                "snapshot": str(self.vmstate) if self.snapshot_bytes else None,
+                "snapshot_bytes": self.snapshot_bytes,
+                "last_save_ms": None if self.last_save_seconds is None else round(self.last_save_seconds * 1e3, 3),
+            },
+        }
+
     def exited(self) -> asyncio.Future:
         """Resolves when the current QEMU exits (at once when there is none)."""
         if self._exited is None:

@@ -1,9 +1,11 @@
 """One service's life cycle (ASLEEP, WAKING, READY, SLEEPING, FAILED) and the seam to it.
 
-The request path calls ``acquire()`` and later ``lease.release()``; it only reads
-state. Every state change is made by the service's supervisor task, its single
-writer, which wakes the backend, probes readiness, releases held requests in
-arrival order, and puts the service to sleep when it has been idle.
+The request path calls ``acquire()`` and later ``lease.release()``; it only reads state. Every
+state change is made by the service's supervisor task, its single writer, and only through the
+table SERVICE_TRANSITIONS. The supervisor wakes the backend, probes readiness, releases held
+requests in arrival order, puts the service to sleep when it has been idle, and stops the backend
+itself after a failure, so a wake never overlaps a stop. An exception inside it fails that step
+(held requests get 503), is logged once with its traceback, and leaves the service usable.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import collections
 import enum
 import logging
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 from proxy.metrics import Histogram
 from proxy.seam import Refused
@@ -23,6 +25,8 @@ log = logging.getLogger("wakegate.controller")
 MAX_QUEUE = 10_000  # held requests per service; Knative activator's queue depth
 FAILED_BACKOFF_MIN = 1.0  # first backoff after a failed wake, seconds; doubles per failure
 FAILED_BACKOFF_MAX = 30.0  # ceiling of that backoff; Kubernetes' CrashLoopBackOff starts at 10 s, caps at 5 min
+STABLE_SECONDS = 60.0  # a backend that ran this long before exiting did not crash-loop; Kubernetes resets its
+                       # backoff after 10 min of running, shorter here since idle services sleep in minutes
 SLEEP_DRAIN_TIMEOUT = 30.0  # a sleep waits this long for in-flight requests; Kubernetes' termination grace is 30 s
 SLEEP_DRAIN_POLL = 0.002  # how often that wait looks
 
@@ -36,6 +40,43 @@ class State(enum.Enum):
 
 
 ASLEEP, WAKING, READY, SLEEPING, FAILED = State.ASLEEP, State.WAKING, State.READY, State.SLEEPING, State.FAILED
+
+# Every transition of the life cycle, in one place: state -> {event: next state}.
+SERVICE_TRANSITIONS: dict[State, dict[str, State]] = {
+    ASLEEP: {"wake": WAKING},
+    WAKING: {"ready": READY, "fail": FAILED},
+    READY: {"sleep": SLEEPING, "fail": FAILED},
+    SLEEPING: {"slept": ASLEEP, "fail": FAILED},
+    FAILED: {"retry": ASLEEP},
+}
+
+
+class IllegalTransition(RuntimeError):
+    """The supervisor asked for a move the life-cycle table does not allow (a bug, never input)."""
+
+
+class Backend(Protocol):
+    """What every backend (process, microVM, ...) offers the supervisor."""
+
+    mode: str  # the sleep mode: "pause", "stop", "snapshot"
+    keeps_connections: bool  # pooled upstream connections survive a sleep
+    last_resume_seconds: float | None  # the backend's own part of the last wake
+    last_ready_seconds: float | None  # the readiness wait of the last wake
+
+    async def wake(self, deadline: float) -> None:
+        """Run the service and return once it answers its readiness probe (or raise)."""
+
+    async def sleep(self) -> None:
+        """Put the running service to sleep in this backend's mode."""
+
+    async def stop(self) -> None:
+        """End the service entirely (idempotent; waits for it to be gone)."""
+
+    def exited(self) -> asyncio.Future:
+        """Resolves when the running service exits, on its own or not."""
+
+    def describe(self) -> dict:
+        """Facts for the admin API: at least ``pid`` (None when not running)."""
 
 
 # Lease states
@@ -117,7 +158,7 @@ class Lease:
 class Service:
     """A service's state, its held requests and its supervisor; the single writer of state."""
 
-    def __init__(self, name: str, backend, *, idle_timeout: float | None, wake_timeout: float,
+    def __init__(self, name: str, backend: Backend | None, *, idle_timeout: float | None, wake_timeout: float,
                  max_queue: int = MAX_QUEUE, pools=(), on_state: Callable | None = None) -> None:
         self.name = name
         self.backend = backend  # None: always up, nothing to wake
@@ -133,17 +174,18 @@ class Service:
         self.in_flight = 0
         self.tunnels = 0
         self.idle_since = time.monotonic()
+        self.ready_since = 0.0
         self.wakes = 0
         self.sleeps = 0
         self.failures = 0
         self.last_wake_seconds: float | None = None
-        self.wake_results: dict[str, int] = {}  # ok, failed, timeout
+        self.wake_results: dict[str, int] = {}  # ok, failed, timeout, error
         self.sleep_reasons: dict[str, int] = {}  # idle, admin, exited
         self.wake_seconds = Histogram()  # decision to ready
         self.resume_seconds = Histogram()  # the backend's own thaw or start
         self.ready_seconds = Histogram()  # the readiness wait after it
         self.failed_until = 0.0
-        self._backoff = FAILED_BACKOFF_MIN
+        self.failures_in_a_row = 0  # failed wakes and quick exits since the last good stretch
         self._commands: asyncio.Queue | None = None
         self._kick: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -164,6 +206,8 @@ class Service:
             return lease
         if self.state is FAILED and time.monotonic() < self.failed_until:
             raise Refused(503, "service failed to wake", self.failed_until - time.monotonic())
+        if self._closing:
+            raise Refused(503, "wakegate is shutting down", 1.0)
         if self.queued >= self.max_queue:
             raise Refused(503, "wake queue full", 1.0)
         lease = Lease(self, L_HELD)
@@ -184,7 +228,7 @@ class Service:
         self._command("sleep:" + reason)
 
     def _command(self, command: str) -> None:
-        if self.backend is None:
+        if self.backend is None or self._closing:
             return
         self._ensure_supervisor()
         self._commands.put_nowait(command)
@@ -203,39 +247,62 @@ class Service:
 
     # ---- the single writer ----
 
-    def _set(self, state: State) -> None:
-        old, self.state = self.state, state
-        log.info("service %s: %s -> %s", self.name, old.value, state.value)
+    def _set(self, event: str) -> None:
+        """Move by the table; the observer may not break the writer."""
+        old = self.state
+        new = SERVICE_TRANSITIONS[old].get(event)
+        if new is None:
+            raise IllegalTransition(f"service {self.name}: event {event!r} in state {old.value}")
+        self.state = new
+        log.info("service %s: %s -> %s", self.name, old.value, new.value)
         if self.on_state is not None:
-            self.on_state(self, old, state)
+            try:
+                self.on_state(self, old, new)
+            except Exception:
+                log.exception("service %s: state observer failed", self.name)
 
     async def _supervise(self) -> None:
-        try:
-            while not self._closing:
-                state = self.state
-                if state is ASLEEP:
-                    if not self.queued and not self._take_command("wake"):
-                        if not await self._wait(None):
-                            return  # nothing to do: the task ends; acquire() starts another
-                        continue
-                    await self._do_wake()
-                elif state is READY:
-                    reason = await self._wait_while_ready()
-                    if reason:
-                        await self._do_sleep(reason)
-                elif state is FAILED:
-                    delay = self.failed_until - time.monotonic()
-                    if delay > 0:
-                        await self._wait(delay)
-                        continue
-                    self._set(ASLEEP)
-                else:  # WAKING or SLEEPING are only ever held inside _do_wake / _do_sleep
-                    raise AssertionError(f"supervisor found {state}")
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("service %s: supervisor failed", self.name)
-            self._fail_queue(Refused(503, "internal error while waking", 1.0))
+        while not self._closing:
+            try:
+                if not await self._step():
+                    return  # nothing to do: the task ends; acquire() or a command starts another
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("service %s: supervisor failed in state %s", self.name, self.state.value)
+                await self._recover(exc)
+
+    async def _step(self) -> bool:
+        """One step of the life cycle; False when the supervisor may end."""
+        state = self.state
+        if state is ASLEEP:
+            if not self.queued and not self._take_command("wake"):
+                return await self._wait(None)
+            await self._do_wake()
+        elif state is READY:
+            reason = await self._wait_while_ready()
+            if reason:
+                await self._do_sleep(reason)
+        elif state is FAILED:
+            delay = self.failed_until - time.monotonic()
+            if delay > 0:
+                await self._wait(delay)
+                return True
+            self._set("retry")
+        else:  # WAKING and SLEEPING live only inside _do_wake / _do_sleep
+            raise IllegalTransition(f"service {self.name}: supervisor found {state.value} between steps")
+        return True
+
+    async def _recover(self, exc: Exception) -> None:
+        """A step raised: fail whatever it was doing, stop the backend, stay usable."""
+        if self.state is ASLEEP and self.queued:
+            self._set("wake")  # the wake's own first step failed: its held requests must hear of it
+        if self.state in (WAKING, READY, SLEEPING):
+            self._count(self.wake_results, "error")
+            self._fail(503, f"internal error ({type(exc).__name__})")
+            await self._stop_backend()
+        else:
+            self._fail_queue(Refused(503, "internal error", FAILED_BACKOFF_MIN))
 
     async def _wait(self, timeout: float | None) -> bool:
         """Wait for a kick (True) or the timeout (False)."""
@@ -243,7 +310,7 @@ class Service:
         if self.queued or not self._commands.empty():
             return True
         try:
-            await asyncio.wait_for(self._kick.wait(), timeout if timeout is not None else None)
+            await asyncio.wait_for(self._kick.wait(), timeout)
             return True
         except asyncio.TimeoutError:
             return False
@@ -259,49 +326,57 @@ class Service:
     async def _wait_while_ready(self) -> str | None:
         """Stay READY until idle long enough, told to sleep, or the backend exits."""
         exited = self.backend.exited()
-        try:
-            while True:
-                while not self._commands.empty():
-                    command = self._commands.get_nowait()
-                    if command.startswith("sleep:"):
-                        return command[6:]
-                if exited.done():
-                    return "exited"
-                if self.idle_timeout is None or self.in_flight:
-                    timeout = None if self.idle_timeout is None else self.idle_timeout
-                else:
-                    timeout = self.idle_since + self.idle_timeout - time.monotonic()
-                    if timeout <= 0:
-                        return "idle"
-                self._kick.clear()
-                kick = asyncio.ensure_future(self._kick.wait())
-                done, _ = await asyncio.wait({kick, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if kick not in done:
-                    kick.cancel()
-        finally:
-            pass
+        while True:
+            while not self._commands.empty():
+                command = self._commands.get_nowait()
+                if command.startswith("sleep:"):
+                    return command[6:]
+            if exited.done():
+                return "exited"
+            if time.monotonic() - self.ready_since >= STABLE_SECONDS:
+                self.failures_in_a_row = 0  # a good stretch: the next failure starts the backoff afresh
+            if self.idle_timeout is None:
+                timeout = None
+            elif self.in_flight:
+                timeout = self.idle_timeout  # a release does not kick: look again then
+            else:
+                timeout = self.idle_since + self.idle_timeout - time.monotonic()
+                if timeout <= 0:
+                    return "idle"
+            if self.failures_in_a_row:
+                stable_in = self.ready_since + STABLE_SECONDS - time.monotonic()
+                timeout = stable_in if timeout is None else min(timeout, stable_in)
+            self._kick.clear()
+            kick = asyncio.ensure_future(self._kick.wait())
+            try:
+                await asyncio.wait({kick, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                kick.cancel()
 
     async def _do_wake(self) -> None:
         self._take_command("wake")
-        self._set(WAKING)
+        self._set("wake")
         started = time.monotonic()
         deadline = started + self.wake_timeout
         try:
             await asyncio.wait_for(self.backend.wake(deadline), self.wake_timeout)
         except asyncio.TimeoutError:
             self._count(self.wake_results, "timeout")
-            self._wake_failed(504, "wake timed out", started)
+            self._fail(504, "wake timed out")
+            await self._stop_backend()
             return
         except Exception as exc:
             if getattr(exc, "timed_out", False):  # the readiness probe reached the same deadline first
                 self._count(self.wake_results, "timeout")
-                self._wake_failed(504, "wake timed out", started)
-                return
-            log.warning("service %s: wake failed: %s", self.name, exc)
-            self._count(self.wake_results, "failed")
-            self._wake_failed(503, f"wake failed: {exc}", started)
+                self._fail(504, "wake timed out")
+            else:
+                log.warning("service %s: wake failed: %s", self.name, exc)
+                self._count(self.wake_results, "failed")
+                self._fail(503, f"wake failed: {exc}")
+            await self._stop_backend()
             return
-        self.last_wake_seconds = time.monotonic() - started
+        now = time.monotonic()
+        self.last_wake_seconds = now - started
         self._count(self.wake_results, "ok")
         self.wake_seconds.observe(self.last_wake_seconds)
         backend = self.backend
@@ -310,29 +385,32 @@ class Service:
         if backend.last_ready_seconds is not None:
             self.ready_seconds.observe(backend.last_ready_seconds)
         self.wakes += 1
-        self._backoff = FAILED_BACKOFF_MIN
-        self.idle_since = time.monotonic()
-        self._set(READY)
+        self.idle_since = self.ready_since = now
+        self._set("ready")
         self._release_queue()
 
-    def _wake_failed(self, status: int, reason: str, started: float) -> None:
+    def _fail(self, status: int, reason: str) -> None:
+        """Into FAILED with a backoff that doubles per failure in a row; held requests are refused."""
         self.failures += 1
-        self.failed_until = time.monotonic() + self._backoff
-        retry_after = self._backoff
-        self._backoff = min(self._backoff * 2, FAILED_BACKOFF_MAX)
-        self._set(FAILED)
-        self._fail_queue(Refused(status, reason, retry_after))
-        asyncio.get_running_loop().create_task(self._stop_quietly())
+        self.failures_in_a_row += 1
+        backoff = min(FAILED_BACKOFF_MIN * 2 ** (self.failures_in_a_row - 1), FAILED_BACKOFF_MAX)
+        self.failed_until = time.monotonic() + backoff
+        self._set("fail")
+        self._fail_queue(Refused(status, reason, backoff))
 
-    async def _stop_quietly(self) -> None:
+    async def _stop_backend(self) -> None:
+        """Stop the backend, in the supervisor itself: the next wake starts only once it is gone."""
         try:
             await self.backend.stop()
-        except Exception as exc:  # pragma: no cover - best effort after a failure
-            log.warning("service %s: cleanup after failed wake: %s", self.name, exc)
+        except Exception as exc:
+            log.warning("service %s: stopping it failed: %s", self.name, exc)
+        for pool in self.pools:
+            pool.close_idle()
 
     async def _do_sleep(self, reason: str) -> None:
-        self._set(SLEEPING)  # from here new requests are held; the ones in flight finish first
+        self._set("sleep")  # from here new requests are held; the ones in flight finish first
         mode = self.backend.mode
+        quick_exit = reason == "exited" and time.monotonic() - self.ready_since < STABLE_SECONDS
         if reason != "exited" and self.in_flight:
             deadline = time.monotonic() + SLEEP_DRAIN_TIMEOUT
             while self.in_flight and time.monotonic() < deadline and not self.backend.exited().done():
@@ -347,13 +425,24 @@ class Service:
                 await self.backend.sleep()
         except Exception as exc:
             log.warning("service %s: sleep failed (%s); stopping it", self.name, exc)
-            await self._stop_quietly()
+            await self._stop_backend()
         if reason == "exited" or mode == "stop" or not self.backend.keeps_connections:
             for pool in self.pools:
                 pool.close_idle()
         self.sleeps += 1
         self._count(self.sleep_reasons, reason)
-        self._set(ASLEEP)
+        if quick_exit and self.failures_in_a_row:
+            # It exited again soon after an earlier failure: a crash loop. Back off before the next
+            # start instead of restarting at once (Kubernetes' CrashLoopBackOff).
+            log.warning("service %s: exited %d times in a row within %.0fs of starting; backing off",
+                        self.name, self.failures_in_a_row + 1, STABLE_SECONDS)
+            self._fail(503, "service keeps exiting")
+            return
+        if quick_exit:
+            self.failures_in_a_row += 1  # the first quick exit restarts at once; the next one backs off
+        elif reason != "exited":
+            self.failures_in_a_row = 0
+        self._set("slept")
         # Requests that arrived while SLEEPING are in the queue: the loop wakes at once.
 
     @staticmethod

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
 
 PARSER = "pure Python" if os.environ.get("WAKEGATE_PUREPYTHON") else "C extension"
 
@@ -53,16 +53,22 @@ def test_check_missing_file(tmp_path):
     assert result.returncode == 2 and "no such file" in result.stderr
 
 
-def test_serve_port_in_use(tmp_path):
+@pytest.mark.parametrize("key", ["proxy.listen", "admin.listen"])
+def test_serve_port_in_use(tmp_path, key):
+    # issue 10, defect 16: one line naming file, key and problem, exit status 2 (it was 1, no key)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        proxy_port, admin_port = (port, free_port()) if key == "proxy.listen" else (free_port(), port)
         path = tmp_path / "c.toml"
-        path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\n[services.a]\nhosts = ["a"]\nupstream = "127.0.0.1:1"\n')
+        path.write_text(f'[proxy]\nlisten = "127.0.0.1:{proxy_port}"\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+                        '[services.a]\nhosts = ["a"]\nupstream = "127.0.0.1:1"\n')
         result = wakegate("serve", "-c", str(path))
-    assert result.returncode == 1
-    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"wakegate: {path}: {key}: cannot listen on 127.0.0.1:{port}"), line
+    assert "Traceback" not in result.stderr
 
 
 def test_no_command_prints_help():

@@ -349,3 +349,48 @@ def test_held_request_with_its_body_in_outlasts_body_timeout(wg, size):
     assert response.status == 200, response
     assert response.body == f"{size} {hashlib.sha256(body).hexdigest()}".encode()
     c.close()
+
+
+# ---- issue 10, defects 13 and 14: service processes die with wakegate; instances never mix ----
+
+
+def _wait_gone(pid, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_sigkilled_wakegate_leaves_nothing_a_restart_trips_over(wg):
+    cold_port, warm_port = free_port(), free_port()
+    w = wg(service("cold", cold_port, sleep="stop", idle="1h") + service("warm", warm_port, sleep="pause", idle="1h"))
+    cold_pid = int(fetch(w.port, "cold.test", "/pid").body)
+    warm_pid = int(fetch(w.port, "warm.test", "/pid").body)
+    admin(w, "POST", "/services/warm/sleep")
+    wait_state(w, "warm", "asleep")
+    assert frozen(warm_pid)
+    w.proc.kill()  # no chance to clean up
+    w.proc.wait()
+    assert _wait_gone(cold_pid), "the stop-mode process outlived a SIGKILLed wakegate"
+    w.restart()  # the same config: it must find and clean up the frozen leftover
+    assert _wait_gone(warm_pid), "the frozen process of the earlier wakegate is still there"
+    for host, port, old in (("cold.test", cold_port, cold_pid), ("warm.test", warm_port, warm_pid)):
+        response = fetch(w.port, host, "/pid", timeout=15)
+        assert response.status == 200 and int(response.body) != old, host
+    started = time.monotonic()
+    assert w.stop() == 0 and time.monotonic() - started < 10  # and SIGTERM does not hang
+
+
+def test_two_instances_never_freeze_each_others_processes(wg):
+    a = wg(service("app", free_port(), sleep="pause", idle="1h"))
+    b = wg(service("app", free_port(), sleep="pause", idle="1h"))
+    pid_a = int(fetch(a.port, "app.test", "/pid").body)
+    pid_b = int(fetch(b.port, "app.test", "/pid").body)
+    admin(a, "POST", "/services/app/sleep")
+    wait_state(a, "app", "asleep")
+    assert frozen(pid_a) and not frozen(pid_b)
+    started = time.monotonic()
+    assert fetch(b.port, "app.test", "/pid", timeout=5).body == str(pid_b).encode()
+    assert time.monotonic() - started < 1.0

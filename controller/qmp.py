@@ -44,7 +44,7 @@ class QMP:
                 if loop.time() > deadline:
                     raise QMPError(f"no QMP socket at {path} after {timeout}s") from None
                 await asyncio.sleep(0.005)
-        await qmp._negotiate(deadline - loop.time())
+        await qmp._negotiate_or_close(deadline - loop.time())
         return qmp
 
     @classmethod
@@ -53,8 +53,16 @@ class QMP:
         with ``-chardev socket,fd=N``: no socket file, no connect retries."""
         qmp = cls()
         qmp.reader, qmp.writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-        await qmp._negotiate(timeout)
+        await qmp._negotiate_or_close(timeout)
         return qmp
+
+    async def _negotiate_or_close(self, timeout: float) -> None:
+        """Negotiate; a peer that fails it does not keep our socket open."""
+        try:
+            await self._negotiate(timeout)
+        except BaseException:
+            self.writer.close()
+            raise
 
     async def _negotiate(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()

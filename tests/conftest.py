@@ -85,6 +85,15 @@ class Wakegate:
         )
         self.log_path = tmp / f"wakegate-{self.port}.log"
         self.log = open(self.log_path, "wb")
+        self._spawn()
+
+    def restart(self) -> None:
+        """Start wakegate again with the same config (and so the same ports), after it exited."""
+        assert self.proc.poll() is not None, "still running"
+        self.proc.stderr.close()
+        self._spawn()
+
+    def _spawn(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controller.cli", "serve", "-c", str(self.config_path)],
             cwd=ROOT,
@@ -110,6 +119,7 @@ class Wakegate:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        self.proc.stderr.close()
         return self.proc.returncode
 
     def output(self) -> str:
@@ -289,3 +299,103 @@ class ScriptedOrigin:
                 conn.close()
             except OSError:
                 pass
+
+
+# ---- every test fails if it leaves something behind ------------------------------
+
+import ctypes  # noqa: E402
+
+PR_SET_CHILD_SUBREAPER = 36
+LEAK_GRACE = 3.0  # seconds a test's processes get to exit after its fixtures are torn down
+CGROUP_DIRS = [Path("/sys/fs/cgroup") / sub / "wakegate" for sub in ("", "freezer", "unified")]
+
+
+def _children() -> set[int]:
+    """Our child processes, zombies included (orphaned descendants become ours: see the subreaper)."""
+    me = str(os.getpid())
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == me:
+                out.add(int(entry))
+    return out
+
+
+def _fds() -> dict[int, str]:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def _cgroups() -> set[str]:
+    out = set()
+    for base in CGROUP_DIRS:
+        if base.is_dir():
+            for path in base.glob("*/*"):
+                if path.is_dir():
+                    out.add(str(path))
+    return out
+
+
+def _reap(pids) -> None:
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subreaper():
+    """Orphaned descendants (a service process whose wakegate died) become pytest's children, so
+    the leak check below sees them instead of losing them to init."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    import uvloop
+
+    uvloop.new_event_loop().close()  # uvloop opens a process-wide pipe once, on its first loop
+    yield
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Fail the test that leaves a child process, a file descriptor or a wakegate cgroup behind."""
+    children, fds, cgroups = _children(), _fds(), _cgroups()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        new = _children() - children
+        _reap(new)
+        new = {pid for pid in _children() - children if Path(f"/proc/{pid}").exists()
+               and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+        left_fds = {fd: target for fd, target in _fds().items() if fd not in fds and not target.startswith("anon_inode")}
+        left_cgroups = _cgroups() - cgroups
+        if not (new or left_fds or left_cgroups) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    _reap(_children() - children)
+    problems = []
+    if new:
+        cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    for pid in new if Path(f"/proc/{pid}").exists()}
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGKILL)  # so the next test starts clean
+            except ProcessLookupError:
+                pass
+        _reap(new)
+        problems.append(f"child processes left behind: {cmdlines}")
+    if left_fds:
+        problems.append(f"file descriptors left open: {left_fds}")
+    if left_cgroups:
+        problems.append(f"cgroups left behind: {sorted(left_cgroups)}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)

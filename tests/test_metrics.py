@@ -196,6 +196,7 @@ def test_metrics_can_be_turned_off(start_wakegate, backend):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://127.0.0.1:{w.admin_port}/metrics", timeout=5)
     assert info.value.code == 404
+    info.value.close()
 
 
 def test_metrics_with_a_thousand_services(start_wakegate, backend):

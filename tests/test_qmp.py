@@ -86,10 +86,14 @@ def test_errors_and_timeouts(tmp_path, built_guest):  # noqa: F811
 
     async def run():
         # A peer that accepts and never speaks: connect must give up, not hang.
-        server = await asyncio.start_unix_server(lambda r, w: None, path=str(sock))
+        accepted = []
+        server = await asyncio.start_unix_server(lambda r, w: accepted.append(w), path=str(sock))
         with pytest.raises(QMPError, match="did not answer"):
             await QMP.connect(str(sock), timeout=0.3)
         server.close()
+        for writer in accepted:
+            writer.close()
+        await asyncio.sleep(0)  # the closes take effect on the next turn of the loop
         with pytest.raises(QMPError, match="no QMP socket"):
             await QMP.connect(str(tmp_path / "absent.sock"), timeout=0.1)
         # A real QEMU refuses an unknown command with QMPError.

@@ -348,8 +348,13 @@ def _command(r: _Reader, path: str, command) -> dict:
         out["cwd"] = str(Path(path).resolve().parent)  # relative paths mean: beside the config
     exe = command[0]
     if "/" in exe:
-        if not (Path(exe) if Path(exe).is_absolute() else Path(out["cwd"]) / exe).exists():
+        program = Path(exe) if Path(exe).is_absolute() else Path(out["cwd"]) / exe
+        if not program.exists():
             raise r.error("command", f"{exe!r} does not exist")
+        if not program.is_file():
+            raise r.error("command", f"{exe!r} is not a file")
+        if not os.access(program, os.X_OK):
+            raise r.error("command", f"{exe!r} is not executable (chmod +x it, or run it through its interpreter)")
     elif shutil.which(exe) is None:
         raise r.error("command", f"{exe!r} is not on PATH")
     env = r.get("env")
@@ -397,6 +402,11 @@ def _microvm(v: _Reader, path: str, upstream: Address, upstream_reader: _Reader)
         if not file.is_file():
             raise v.error(key, f"{str(file)!r} does not exist; `wakegate microvm build` makes a demo guest "
                           "in .cache/guest")
+        try:
+            with open(file, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise v.error(key, f"{str(file)!r} cannot be read by this user: {exc.strerror}") from None
         files[key] = str(file)
     qemu = v.string("qemu", QEMU_BINARY)
     found = shutil.which(qemu) if "/" not in qemu else (str(_beside(path, qemu)) if _beside(path, qemu).exists() else None)
@@ -495,14 +505,38 @@ def load(path: str | Path) -> Config:
     path = str(path)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {_not_utf8(raw, exc.start)}") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return from_dict(data, path)
+
+
+def _not_utf8(raw: bytes, offset: int) -> str:
+    """Where a byte that is not UTF-8 sits: the key of its line when there is one, and the line."""
+    line_no = raw.count(b"\n", 0, offset) + 1
+    table = ""
+    for line in raw[:offset].split(b"\n")[:-1]:
+        header = re.match(rb"\s*\[+\s*([^\]]+?)\s*\]", line)
+        if header:
+            table = header.group(1).decode("utf-8", "replace").replace('"', "")
+    current = raw[raw.rfind(b"\n", 0, offset) + 1:].split(b"\n", 1)[0]
+    key = re.match(rb"\s*([A-Za-z0-9_.\-\"]+)\s*=", current)
+    where = f"line {line_no}"
+    if key:
+        name = key.group(1).decode().replace('"', "")
+        where = f"{table}.{name}" if table else name
+        where += f" (line {line_no})"
+    return f"{where}: byte 0x{raw[offset]:02x} is not UTF-8; a TOML file must be UTF-8"
 
 
 def from_dict(data: dict, path: str = "<config>") -> Config:

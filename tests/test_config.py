@@ -1,5 +1,12 @@
 """controller.config: durations, sizes, addresses, and errors that name file, key and problem."""
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from controller.config import ConfigError, load, parse_address, parse_duration, parse_size
@@ -211,3 +218,55 @@ def test_example_config_is_valid():
 
     config = load(Path(__file__).resolve().parent.parent / "config.example.toml")
     assert config.services
+
+
+# ---- issue 10, defect 16: one line naming file, key and problem -------------------------
+
+NOT_UTF8 = [
+    (b'[proxy]\nlisten = "127.0.0.1:1"\n# caf\xe9\n', "line 3: byte 0xe9 is not UTF-8"),
+    (b'[services.a]\nhosts = ["a"]\nupstream = "127.0.0.1:1"\ncommand = ["x\xff"]\n',
+     "services.a.command (line 4): byte 0xff is not UTF-8"),
+    (b'title = "\xc3"\n', "title (line 1): byte 0xc3 is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("raw,words", NOT_UTF8)
+def test_not_utf8_names_where(tmp_path, raw, words):
+    path = tmp_path / "wakegate.toml"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == f"{path}: {words}; a TOML file must be UTF-8"
+
+
+def test_command_that_is_not_executable(tmp_path):
+    script = tmp_path / "app.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    path = write(tmp_path, '[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["./app.sh"]\n')
+    with pytest.raises(ConfigError, match=r"services\.x\.command: './app.sh' is not executable"):
+        load(path)
+
+
+def test_kernel_the_serving_user_cannot_read(tmp_path):
+    """Run `wakegate check` as nobody against a kernel only root may read."""
+    if os.getuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to check as another user")
+    folder = Path(tempfile.mkdtemp(prefix="wakegate-unreadable-"))
+    try:
+        folder.chmod(0o755)
+        kernel = folder / "vmlinux"
+        kernel.write_bytes(b"\x7fELF")
+        kernel.chmod(0o600)
+        config = folder / "wakegate.toml"
+        config.write_text('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:9010"\n'
+                          f'[services.x.microvm]\nkernel = "{kernel}"\nsnapshot_dir = "/tmp"\n')
+        config.chmod(0o644)
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                                 "controller.cli", "check", "-c", str(config)],
+                                cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (f"wakegate: {config}: services.x.microvm.kernel: '{kernel}' cannot be read "
+                                         "by this user: Permission denied")
+    finally:
+        shutil.rmtree(folder)

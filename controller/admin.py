@@ -2,15 +2,28 @@
 
 ``GET /services``, ``POST /services/NAME/wake``, ``POST /services/NAME/sleep``,
 ``GET /metrics`` (Prometheus text format), ``GET /healthz``. With ``[admin] token`` set, every call but /healthz needs
-``Authorization: Bearer TOKEN``, compared in constant time.
+``Authorization: Bearer TOKEN``, compared in constant time. The listener guards itself like the
+proxy does: a cap on its connections (they share wakegate's file descriptors), a deadline for each
+connection between requests, and one log line, not a traceback, for a malformed request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
+import logging
+import time
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+log = logging.getLogger("wakegate.admin")
+
+ADMIN_MAX_CONNECTIONS = 64  # admin connections at once; more are closed at accept (Prometheus needs one)
+ADMIN_TICK = 0.25  # how often idle admin connections are looked for
+BAD_REQUEST_LOG_SECONDS = 60.0  # malformed admin requests are summed up in one line at most this often
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -18,8 +31,27 @@ def _json(data, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-def make_app(controller, token: str = "", exposition=None) -> web.Application:
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def make_app(controller, token: str = "", exposition=None, busy: dict | None = None) -> web.Application:
     expected = token.encode()
+
+    @web.middleware
+    async def track(request, handler):
+        """Mark the connection busy while a request is handled, for the idle deadline."""
+        protocol = request.protocol
+        if busy is not None:
+            busy[protocol] = None  # in progress
+        try:
+            return await handler(request)
+        finally:
+            if busy is not None:
+                busy[protocol] = time.monotonic()  # done at
 
     @web.middleware
     async def auth(request, handler):
@@ -64,7 +96,7 @@ def make_app(controller, token: str = "", exposition=None) -> web.Application:
             return _json({"error": "metrics are off ([metrics] enabled = false)"}, 404)
         return web.Response(body=exposition.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(middlewares=[auth])
+    app = web.Application(middlewares=[track, auth])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/services", services)
@@ -73,9 +105,116 @@ def make_app(controller, token: str = "", exposition=None) -> web.Application:
     return app
 
 
-async def start_admin(controller, settings, exposition=None) -> web.AppRunner:
-    runner = web.AppRunner(make_app(controller, settings.token, exposition), access_log=None)
+class _BadRequestLog(logging.Filter):
+    """aiohttp logs every malformed request with a full traceback; count them instead, and say so
+    in one line a minute at most."""
+
+    def __init__(self, stats) -> None:
+        super().__init__()
+        self.stats = stats
+        self.unreported = 0
+        self.reported_at = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return record.levelno >= logging.getLogger().getEffectiveLevel()
+        errors = self.stats.client_errors
+        errors["admin_bad_request"] = errors.get("admin_bad_request", 0) + 1
+        self.unreported += 1
+        now = time.monotonic()
+        if now - self.reported_at < BAD_REQUEST_LOG_SECONDS:
+            return False
+        record.msg, record.args = "admin: %d malformed request(s) refused with 400 (last: %s)", (
+            self.unreported, str(exc).splitlines()[0][:200])
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        self.unreported, self.reported_at = 0, now
+        return True
+
+
+class _Refuse(asyncio.Protocol):
+    """An admin connection over the cap: closed at once."""
+
+    def connection_made(self, transport) -> None:
+        transport.close()
+
+
+class AdminListener:
+    """The admin API's listening socket and its guards; ``close()`` ends it all."""
+
+    def __init__(self, runner: web.AppRunner, busy: dict, stats, log_filter: _BadRequestLog,
+                 idle_timeout: float) -> None:
+        self.runner = runner
+        self.idle_timeout = idle_timeout  # [admin] idle_timeout
+        self.busy = busy  # protocol -> None (busy) or when its last request ended
+        self.stats = stats
+        self.log_filter = log_filter
+        self.born: dict = {}  # protocol -> when it connected
+        self.server: asyncio.AbstractServer | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def _factory(self):
+        web_server = self.runner.server
+        if len(web_server.connections) >= ADMIN_MAX_CONNECTIONS:
+            errors = self.stats.accept_errors
+            errors["admin_limit"] = errors.get("admin_limit", 0) + 1
+            return _Refuse()
+        protocol = web_server()
+        self.born[protocol] = time.monotonic()
+        return protocol
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._factory, host, port, reuse_address=True, backlog=128)
+        self._ticker = loop.call_later(ADMIN_TICK, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        live = set(self.runner.server.connections)
+        for protocol in list(self.born):
+            if protocol not in live and protocol.transport is None:
+                del self.born[protocol]
+                self.busy.pop(protocol, None)
+                continue
+            last = self.busy.get(protocol, self.born[protocol])
+            if last is not None and now - last > self.idle_timeout and protocol.transport is not None:
+                errors = self.stats.client_errors
+                if protocol not in self.busy:  # never finished a request
+                    errors["admin_timeout"] = errors.get("admin_timeout", 0) + 1
+                protocol.transport.close()
+        self._ticker = asyncio.get_running_loop().call_later(ADMIN_TICK, self._sweep)
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.server is not None:
+            self.server.close()
+        await self.runner.cleanup()
+        logging.getLogger("aiohttp.server").removeFilter(self.log_filter)
+
+
+async def start_admin(controller, settings, exposition=None, stats=None) -> AdminListener:
+    """Listen for the admin API (stats: the proxy's ProxyStats, where admin errors are counted)."""
+    if stats is None:
+        from proxy.metrics import ProxyStats
+
+        stats = ProxyStats()
+    if not settings.token and not is_loopback(settings.listen.host):
+        log.warning("the admin API listens on %s without a token: anyone who can reach it can wake and sleep "
+                    "services and read /metrics; set [admin] token", settings.listen)
+    busy: dict = {}
+    runner = web.AppRunner(make_app(controller, settings.token, exposition, busy), access_log=None,
+                           keepalive_timeout=settings.idle_timeout * 2 + 1)  # ours acts first and counts
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True)
-    await site.start()
-    return runner
+    log_filter = _BadRequestLog(stats)
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.addFilter(log_filter)
+    server_log.setLevel(logging.DEBUG)  # it logs some malformed requests at debug level: count those too
+    listener = AdminListener(runner, busy, stats, log_filter, settings.idle_timeout)
+    try:
+        await listener.start(settings.listen.host, settings.listen.port)
+    except BaseException:
+        await listener.close()
+        raise
+    return listener

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import sys
 
@@ -56,6 +57,19 @@ def build_router(config, controller=None):
     return router, routes
 
 
+def _raise_fd_limit() -> None:
+    """Every client connection takes a descriptor, and most take two: lift the soft limit to the hard
+    one, as Go's runtime does at start (the default soft limit, 1024, is far too low for a front door)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    log.info("file descriptor limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
+
+
 async def serve(config) -> int:
     from proxy.server import ProxyServer
 
@@ -63,6 +77,7 @@ async def serve(config) -> int:
     from .controller import Controller
 
     loop = asyncio.get_running_loop()
+    _raise_fd_limit()
     router, routes = build_router(config)
     controller = Controller(config, {name: route.pool for name, route in routes.items()})
     for name, route in routes.items():
@@ -86,8 +101,8 @@ async def serve(config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: a signal must never find us unprepared
         loop.add_signal_handler(sig, stop.set)
-    for key, start in (("proxy.listen", server.start), ("admin.listen", lambda: start_admin(controller, config.admin,
-                                                                                             exposition))):
+    for key, start in (("proxy.listen", server.start),
+                       ("admin.listen", lambda: start_admin(controller, config.admin, exposition, server.stats))):
         try:
             started = await start()
         except OSError as exc:
@@ -121,7 +136,7 @@ async def serve(config) -> int:
     for route in routes.values():
         route.pool.close_idle()
     await controller.close()  # stops every backend process: nothing is left behind
-    await admin.cleanup()
+    await admin.close()
     if server.access_log is not None:
         server.access_log.close()
     log.info("stopped")

@@ -24,6 +24,7 @@ BODY_TIMEOUT = 60.0  # gap between request body reads; nginx client_body_timeout
 CONNECT_TIMEOUT = 5.0  # upstream connect; HAProxy's timeout connect 5 s
 UPSTREAM_TIMEOUT = 60.0  # gap between upstream reads; nginx proxy_read_timeout 60 s
 SEND_TIMEOUT = 60.0  # client not reading a response; nginx send_timeout 60 s
+ADMIN_IDLE_TIMEOUT = 10.0  # an admin connection finishes a request, or idles, within this; HAProxy's http-request 10 s
 TUNNEL_TIMEOUT = 3600.0  # idle Upgrade tunnel; HAProxy's timeout tunnel is often 1 h
 DRAIN_TIMEOUT = 30.0  # grace for in-flight requests on SIGTERM; Kubernetes' default grace is 30 s
 MAX_HEAD_SIZE = 16 * 1024  # h11 and node: 16 KiB
@@ -83,6 +84,7 @@ class ProxySettings:
 class AdminSettings:
     listen: Address
     token: str = ""
+    idle_timeout: float = ADMIN_IDLE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -565,7 +567,8 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     p.finish()
 
     a = top.sub("admin")
-    admin = AdminSettings(listen=a.address("listen", DEFAULT_ADMIN_LISTEN), token=a.string("token", ""))
+    admin = AdminSettings(listen=a.address("listen", DEFAULT_ADMIN_LISTEN), token=a.string("token", ""),
+                          idle_timeout=a.duration("idle_timeout", ADMIN_IDLE_TIMEOUT))
     a.finish()
 
     lg = top.sub("log")

@@ -43,6 +43,9 @@ _FAMILIES = [
     ("wakegate_client_errors", "counter", "Requests refused before routing (bad_request, head_too_large, ...).",
      ["reason"]),
     ("wakegate_access_log_dropped", "counter", "Access log lines dropped for a slow disk.", []),
+    ("wakegate_accept_errors", "counter", "Connections wakegate could not take: fd_limit (out of file "
+     "descriptors: the kernel's pending connections are dropped), admin_limit (admin connections at their cap).",
+     ["reason"]),
 ]
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
 
@@ -64,7 +67,7 @@ class WakegateCollector:
     def collect(self):
         (requests, duration, queue, upstream, connect, in_flight, queued, wakes, wake_duration, wake_resume,
          wake_ready, sleeps, state, upstream_errors, boots, snapshot_bytes, save_seconds, client_errors,
-         dropped) = families = [
+         dropped, accept_errors) = families = [
             _KINDS[kind](name, doc, labels=labels) for name, kind, doc, labels in _FAMILIES
         ]
         states = [s.value for s in State]
@@ -108,6 +111,8 @@ class WakegateCollector:
         for reason, n in self.proxy_stats.client_errors.items():
             client_errors.add_metric([reason], n)
         dropped.add_metric([], self.proxy_stats.access_dropped)
+        for reason, n in self.proxy_stats.accept_errors.items():
+            accept_errors.add_metric([reason], n)
         yield from families
 
 
@@ -129,7 +134,7 @@ def render(registry: CollectorRegistry) -> bytes:
 # checks that it parses to exactly what WakegateCollector + generate_latest give.
 
 _INDEX = {name: i for i, (name, _, _, _) in enumerate(_FAMILIES)}
-_PER_SERVICE = _FAMILIES[:-2]  # the last two have no service label
+_PER_SERVICE = _FAMILIES[:-3]  # the last three have no service label
 
 
 def _num(value) -> str:
@@ -218,7 +223,7 @@ class FastExposition:
                 if lines:
                     families[i].append("".join(lines))
         out = []
-        for (name, kind, doc, _labels), chunks in zip(_FAMILIES, families + [[], []]):
+        for (name, kind, doc, _labels), chunks in zip(_FAMILIES, families + [[], [], []]):
             suffix = "_total" if kind == "counter" else ""
             out.append(f"# HELP {name}{suffix} {doc}\n# TYPE {name}{suffix} {kind}\n")
             out.extend(chunks)
@@ -227,4 +232,7 @@ class FastExposition:
                     out.append(f'wakegate_client_errors_total{{reason="{_escape(reason)}"}} {_num(n)}\n')
             elif name == "wakegate_access_log_dropped":
                 out.append(f"wakegate_access_log_dropped_total {_num(self.proxy_stats.access_dropped)}\n")
+            elif name == "wakegate_accept_errors":
+                for reason, n in self.proxy_stats.accept_errors.items():
+                    out.append(f'wakegate_accept_errors_total{{reason="{_escape(reason)}"}} {_num(n)}\n')
         return "".join(out).encode()

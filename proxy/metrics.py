@@ -72,11 +72,12 @@ class ServiceStats:
 class ProxyStats:
     """Errors that belong to no service (the request never got that far)."""
 
-    __slots__ = ("client_errors", "access_dropped")
+    __slots__ = ("client_errors", "access_dropped", "accept_errors")
 
     def __init__(self) -> None:
         self.client_errors: dict[str, int] = {}
         self.access_dropped = 0
+        self.accept_errors: dict[str, int] = {}  # fd_limit, admin_limit
 
 
 CLIENT_ERROR_REASONS = {

@@ -8,7 +8,10 @@ backpressure. Timeouts are deadlines swept by one ticker per server.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import resource
 import socket
 from bisect import bisect_left
 from time import perf_counter
@@ -36,6 +39,8 @@ log = logging.getLogger("wakegate.proxy")
 MAX_PIPELINE_BYTES = 64 * 1024  # client bytes read ahead of the current exchange; uvloop's default high-water mark
 MAX_PENDING_BODY_BYTES = 64 * 1024  # request body held while the upstream connects; same mark
 TICK_MIN, TICK_MAX = 0.01, 0.5  # deadline sweep period bounds, seconds
+FD_CHECK_SECONDS = 1.0  # how often the sweep checks that a descriptor can still be opened
+FD_WARN_SECONDS = 10.0  # at most one "out of file descriptors" warning this often
 
 _UNPARSED = object()  # "no parse result handed over" (None means: parsed, head incomplete)
 
@@ -175,6 +180,8 @@ class ProxyServer:
         self.measure = True  # [metrics] enabled
         self.server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
+        self._fd_checked = 0.0
+        self._fd_warned = 0.0
         timeouts = [getattr(self.limits, n) for n in self.limits.__slots__ if n.endswith("timeout")]
         self.tick = min(TICK_MAX, max(TICK_MIN, min(timeouts) / 4))
 
@@ -202,7 +209,27 @@ class ProxyServer:
                 conn.on_body_deadline()
             if conn.deadline and now >= conn.deadline:
                 conn.on_deadline()
+        if now - self._fd_checked >= FD_CHECK_SECONDS:
+            self._fd_checked = now
+            self._check_descriptors(now)
         self._ticker = self.loop.call_later(self.tick, self._sweep)
+
+    def _check_descriptors(self, now: float) -> None:
+        """libuv meets a failed accept() (EMFILE) by accepting and closing the pending connections
+        with a spare descriptor, and tells nobody: see it here, count it and say it."""
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY))
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                return
+        errors = self.stats.accept_errors
+        errors["fd_limit"] = errors.get("fd_limit", 0) + 1
+        if now - self._fd_warned >= FD_WARN_SECONDS:
+            self._fd_warned = now
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.warning("out of file descriptors (limit %d, %d client connections): new connections are being "
+                        "dropped", limit, len(self.connections))
 
     async def drain(self, grace: float) -> int:
         """Stop accepting, let in-flight requests finish within grace; return those cut off."""

@@ -75,7 +75,8 @@ class Backend:
 class Wakegate:
     """``wakegate serve`` as a real process, with a config written for the test."""
 
-    def __init__(self, tmp: Path, config: str, admin_extra: str = "") -> None:
+    def __init__(self, tmp: Path, config: str, admin_extra: str = "", launcher: tuple = ()) -> None:
+        self.launcher = list(launcher)  # a command to run wakegate under (prlimit, setpriv, ...)
         self.port = free_port()
         self.admin_port = free_port()
         self.config_path = tmp / f"wakegate-{self.port}.toml"
@@ -95,7 +96,7 @@ class Wakegate:
 
     def _spawn(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "serve", "-c", str(self.config_path)],
+            self.launcher + [sys.executable, "-m", "controller.cli", "serve", "-c", str(self.config_path)],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -222,8 +223,8 @@ def start_wakegate(tmp_path_factory):
     """A factory: start_wakegate(config_text) -> a running Wakegate, stopped after the test."""
     started = []
 
-    def start(config: str, admin_extra: str = "") -> Wakegate:
-        w = Wakegate(tmp_path_factory.mktemp("wg"), config, admin_extra)
+    def start(config: str, admin_extra: str = "", launcher: tuple = ()) -> Wakegate:
+        w = Wakegate(tmp_path_factory.mktemp("wg"), config, admin_extra, launcher)
         started.append(w)
         return w
 

@@ -570,3 +570,24 @@ def test_trickling_large_body_is_cut_off_at_the_minimum_rate(backend, start_wake
     started = time.monotonic()
     assert Client(w.port).request(get("/hello")).body == b"hello"  # the connection is free again
     assert time.monotonic() - started < 1.0
+
+
+def test_running_out_of_file_descriptors_is_counted_and_said(backend, start_wakegate):
+    """issue 10, defect 12: libuv drops connections it cannot accept (EMFILE) and tells nobody."""
+    w = start_wakegate(config_for(backend.port), launcher=("prlimit", "--nofile=64:64", "--"))
+    flood = []
+    for _ in range(100):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", w.port))
+        flood.append(s)
+    time.sleep(2.5)  # the check runs every second
+    for s in flood:
+        s.close()
+    time.sleep(0.5)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{w.admin_port}/metrics", timeout=5).read().decode()
+    count = [float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith('wakegate_accept_errors_total{reason="fd_limit"}')]
+    assert count and count[0] >= 1, text[-500:]
+    assert "out of file descriptors (limit 64" in w.output()
+    assert Client(w.port).request(get("/hello")).body == b"hello"  # and it serves again

@@ -1,0 +1,111 @@
+"""controller.admin against a real wakegate: the admin listener guards itself like the proxy.
+
+(The API's answers are covered with the services they act on, in test_controller.py.)"""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from .conftest import ROOT, free_port
+
+SERVICE = '[services.a]\nhosts = ["a.test"]\nupstream = "127.0.0.1:{port}"\n'
+
+
+def metrics(w) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{w.admin_port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def counter(text: str, name: str, reason: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{reason="{reason}"}} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+BAD_REQUESTS = [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: a\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\n\r\n",
+]
+
+
+def test_malformed_requests_are_counted_not_logged_with_tracebacks(start_wakegate, backend):
+    w = start_wakegate(SERVICE.format(port=backend.port))
+    sent = 0
+    for _ in range(75):
+        for raw in BAD_REQUESTS:
+            with socket.create_connection(("127.0.0.1", w.admin_port), timeout=5) as s:
+                s.sendall(raw)
+                assert s.recv(4096).split(b" ")[1] == b"400"
+                sent += 1
+    assert counter(metrics(w), "wakegate_client_errors_total", "admin_bad_request") == sent
+    output = w.output()
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if "malformed" in line]) <= 2  # 300 requests, one line
+
+
+def test_connections_that_never_finish_a_request_are_closed(start_wakegate, backend):
+    w = start_wakegate(SERVICE.format(port=backend.port), admin_extra='idle_timeout = "500ms"')
+    slow = socket.create_connection(("127.0.0.1", w.admin_port))
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+    idle = socket.create_connection(("127.0.0.1", w.admin_port))  # sends nothing at all
+    keep = socket.create_connection(("127.0.0.1", w.admin_port))
+    keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"200 OK" in keep.recv(4096)
+    started = time.monotonic()
+    for s in (slow, idle, keep):  # keep-alive idle too
+        assert closed_within(s, 3.0)
+        s.close()
+    assert time.monotonic() - started < 3.0
+    assert counter(metrics(w), "wakegate_client_errors_total", "admin_timeout") == 2
+
+
+def test_admin_connections_are_capped(start_wakegate, backend):
+    w = start_wakegate(SERVICE.format(port=backend.port), admin_extra='idle_timeout = "30s"')
+    held = [socket.create_connection(("127.0.0.1", w.admin_port)) for _ in range(64)]
+    time.sleep(0.2)
+    extra = socket.create_connection(("127.0.0.1", w.admin_port))
+    assert closed_within(extra, 2.0)
+    extra.close()
+    assert socket.create_connection(("127.0.0.1", w.port)).close() is None  # the proxy is not affected
+    for s in held:
+        s.close()
+    time.sleep(0.2)
+    assert counter(metrics(w), "wakegate_accept_errors_total", "admin_limit") >= 1
+
+
+def test_admin_on_every_address_without_a_token_warns(backend, tmp_path):
+    config = tmp_path / "open.toml"
+    config.write_text(f'[proxy]\nlisten = "127.0.0.1:{free_port()}"\n[admin]\nlisten = "0.0.0.0:{free_port()}"\n'
+                      + SERVICE.format(port=backend.port))
+    proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "serve", "-c", str(config)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "listening on" in line or not line:
+                break
+        assert any("without a token" in line for line in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()

@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean
+.PHONY: run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean \
+	fuzz-deps fuzz-build fuzz-quick fuzz
 
 # Debian packages the build needs: venv, a compiler and the Python headers.
 system-deps:
@@ -61,8 +62,54 @@ test-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
 	fi
 
-# The whole suite against the C extension, then against the pure-Python twin.
-test: setup test-deps guest test-c test-python
+# The whole suite against the C extension, then against the pure-Python twin, after a bounded
+# fuzz run of the C entry points under AddressSanitizer.
+test: setup test-deps guest fuzz-quick test-c test-python
+
+# Fuzzing (tests/fuzz/http11_fuzz.py): the extension built with clang's ASan and libFuzzer
+# instrumentation into build/fuzz, driven by atheris with its ASan runtime preloaded. Every input is
+# checked against the pure-Python twin and h11. The corpus is scratch space (.cache/fuzz-corpus).
+FUZZ_QUICK_RUNS ?= 300000
+FUZZ_RUNS ?= 10000000
+FUZZ_JOBS ?= 2
+FUZZ_ENV = LD_PRELOAD=$$($(PY) -c "import atheris, os; print(os.path.join(os.path.dirname(os.path.dirname(atheris.__file__)), 'asan_with_fuzzer.so'))") \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1
+FUZZ_CMD = $(PY) tests/fuzz/http11_fuzz.py .cache/fuzz-corpus -print_final_stats=1 -max_len=4096 \
+	-artifact_prefix=build/fuzz/
+
+fuzz-deps: $(STAMP)
+	@if ! command -v clang >/dev/null || [ -z "$$(find /usr/lib/llvm-* -name 'libclang_rt.asan_static-x86_64.a' 2>/dev/null)" ]; then \
+	  echo "installing clang libclang-rt-14-dev with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    clang libclang-rt-14-dev >/dev/null; \
+	fi
+	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet atheris
+
+fuzz-build: fuzz-deps
+	CC=clang LDSHARED="clang -shared" \
+	  CFLAGS="-fsanitize=address,fuzzer-no-link -g -O1 -fno-omit-frame-pointer -Wno-missing-field-initializers" \
+	  $(PY) setup.py --quiet build_ext --build-lib build/fuzz --build-temp build/fuzz-tmp 2>&1 | grep -v -i "deprecat" || true
+	@test -n "$$(ls build/fuzz/proxy/_speedups*.so)"
+
+fuzz-quick: fuzz-build
+	mkdir -p .cache/fuzz-corpus
+	@$(FUZZ_ENV) $(FUZZ_CMD) -atheris_runs=$(FUZZ_QUICK_RUNS) -seed=$$(date +%s) \
+	  > build/fuzz/quick.log 2>&1; rc=$$?; grep -E "Difference|ERROR|stat::number_of_executed_units|Done" \
+	  build/fuzz/quick.log | head -n 8; [ $$rc = 0 ] || { tail -n 40 build/fuzz/quick.log; exit $$rc; }
+
+# The long run: FUZZ_RUNS inputs in all, split over FUZZ_JOBS processes; each prints its final stats.
+fuzz: fuzz-build
+	mkdir -p .cache/fuzz-corpus
+	@start=$$(date +%s); \
+	for job in $$(seq $(FUZZ_JOBS)); do \
+	  ( $(FUZZ_ENV) $(FUZZ_CMD) -atheris_runs=$$(( $(FUZZ_RUNS) / $(FUZZ_JOBS) )) -seed=$$job \
+	      > build/fuzz/job-$$job.log 2>&1; echo $$? > build/fuzz/job-$$job.rc ) & \
+	done; wait; \
+	status=0; for job in $$(seq $(FUZZ_JOBS)); do \
+	  echo "== job $$job: exit $$(cat build/fuzz/job-$$job.rc)"; grep -E "stat::number_of_executed_units|Difference|ERROR" build/fuzz/job-$$job.log | head -5; \
+	  [ "$$(cat build/fuzz/job-$$job.rc)" = 0 ] || status=1; \
+	done; \
+	echo "$(FUZZ_RUNS) inputs in $$(( $$(date +%s) - start )) s over $(FUZZ_JOBS) jobs"; exit $$status
 
 test-c:
 	$(PY) -m pytest

@@ -419,7 +419,7 @@ def parse_section(tiny: bool) -> dict:
             "c_vs": {name: value / c for name, value in medians.items() if c and name != "c"}}
 
 
-SCENARIOS = ("steady", "wake", "burst", "scale", "parse")
+SCENARIOS = ("steady", "wake", "burst", "scale", "parse", "hostile")
 
 
 def run(args) -> dict:
@@ -464,6 +464,11 @@ def run(args) -> dict:
 
             with tempfile.TemporaryDirectory(prefix="wakegate-scale-") as tmp:
                 section = {"scenario": "scale", **scale(Path(tmp), args.services, args.duration, args.rounds)}
+        elif name == "hostile":
+            from .hostile import hostile
+
+            with tempfile.TemporaryDirectory(prefix="wakegate-hostile-") as tmp:
+                section = {"scenario": "hostile", **hostile(Path(tmp), args.hostile_seconds, args.tiny)}
         else:
             section = {"scenario": "parse", **parse_section(args.tiny)}
         sections[name] = section
@@ -484,6 +489,10 @@ def report(results: dict) -> str:
                 lines.append(f"| {e['services']} | {e['startup_seconds']:.2f} | {e['rss_mib_start']:.1f} / "
                              f"{e['rss_mib_after']:.1f} | {e['rps']:.0f} | {e['rps_vs_smallest']:.2f}x |")
             parts.append("\n".join(lines) + "\n")
+        elif name == "hostile":
+            from .hostile import markdown as hostile_markdown
+
+            parts.append(hostile_markdown(section))
         elif name == "parse":
             lines = ["| parser | median µs per head | vs C |", "| --- | --- | --- |"]
             for parser, value in sorted(section["median_seconds"].items(), key=lambda kv: kv[1]):
@@ -507,6 +516,7 @@ def main(argv=None) -> int:
     parser.add_argument("--services", default="1,1000,10000", help="scale: configured services, comma-separated")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hostile-seconds", type=float, default=30.0, help="hostile: seconds under attack")
     parser.add_argument("--connections", default="1,50", help="comma-separated")
     parser.add_argument("--sizes", default="2,65536", help="response body sizes in bytes, comma-separated")
     args = parser.parse_args(argv)
@@ -516,9 +526,11 @@ def main(argv=None) -> int:
     if args.quick:
         args.duration, args.rounds, args.connections, args.sizes = 3, 2, [50], [2]
         args.cycles, args.burst, args.services = 10, 1000, [1, 1000]
+        args.hostile_seconds = 10.0
     if args.tiny:
         args.duration, args.rounds, args.connections, args.sizes = 1, 1, [5], [2]
         args.cycles, args.burst, args.services = 3, 50, [1, 20]
+        args.hostile_seconds = 4.0
     if args.scenario == "measure" and not (args.quick or args.tiny):
         args.connections, args.sizes = [c for c in args.connections if c > 1] or [50], [2]
     if (os.cpu_count() or 1) < 2:

@@ -163,8 +163,10 @@ def _parse_fields(lines):
     return fields
 
 
-def _parse_length(value: bytes, length: int) -> int:
-    """Merge a Content-Length field (maybe a list of equal values) into length."""
+def _parse_length(value: bytes, seen: bytes | None) -> bytes:
+    """Merge a Content-Length field (maybe a list of identical values) into the digits seen so far.
+    Repeats must be the same digits, not just the same number ("05" and "5" differ): RFC 9112
+    section 6.3 lets a recipient collapse identical values only, and h11 compares them so too."""
     for part in value.split(b","):
         part = part.strip(b" \t")
         if not part or len(part) > MAX_LENGTH_DIGITS:
@@ -172,11 +174,10 @@ def _parse_length(value: bytes, length: int) -> int:
         for c in part:
             if c not in _DIGITS:
                 raise ProtocolError("invalid Content-Length")
-        n = int(part)
-        if length >= 0 and n != length:
+        if seen is not None and part != seen:
             raise ProtocolError("differing Content-Length values")
-        length = n
-    return length
+        seen = part
+    return seen
 
 
 def _comma_list(value: bytes):
@@ -297,7 +298,7 @@ def parse_request(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES):
 
     host_value = None
     hosts = 0
-    length = -1
+    length_digits = None
     codings = []
     tokens = []
     upgrade = None
@@ -308,7 +309,7 @@ def parse_request(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES):
             hosts += 1
             host_value = value
         elif lower == b"content-length":
-            length = _parse_length(value, length)
+            length_digits = _parse_length(value, length_digits)
         elif lower == b"transfer-encoding":
             has_codings = True
             codings += _comma_list(value)
@@ -320,6 +321,7 @@ def parse_request(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES):
             if value.lower() == b"100-continue":
                 expect_continue = True
 
+    length = -1 if length_digits is None else int(length_digits)
     # RFC 9112 section 6.3: framing of a request body.
     if has_codings:
         if length >= 0:
@@ -406,18 +408,19 @@ def parse_response(buf, start: int = 0, max_head: int = MAX_HEAD_BYTES, head_req
         raise ProtocolError("malformed status line")
     fields = _parse_fields(lines)
 
-    length = -1
+    length_digits = None
     has_codings = False
     codings = []
     tokens = []
     for _name, lower, value in fields:
         if lower == b"content-length":
-            length = _parse_length(value, length)
+            length_digits = _parse_length(value, length_digits)
         elif lower == b"transfer-encoding":
             has_codings = True
             codings += _comma_list(value)
         elif lower == b"connection":
             _add_options(tokens, value)
+    length = -1 if length_digits is None else int(length_digits)
     if version == 1:
         keep_alive = b"close" not in tokens
     else:
@@ -535,7 +538,7 @@ class ChunkedScanner:
     raise ProtocolError, so only clean framing is ever relayed.
     """
 
-    __slots__ = ("_state", "_remaining", "_digits", "_line", "_trailer")
+    __slots__ = ("_state", "_remaining", "_digits", "_line", "_trailer", "_name")
 
     def __init__(self) -> None:
         self._state = _SIZE
@@ -543,6 +546,7 @@ class ChunkedScanner:
         self._digits = 0
         self._line = 0
         self._trailer = 0
+        self._name = bytearray()  # the trailer field name so far
 
     @property
     def done(self) -> bool:
@@ -609,14 +613,21 @@ class ChunkedScanner:
                 if c == 13:
                     state = _END_LF
                 elif _TOKEN[c]:
+                    self._name[:] = bytes((c,))
                     state = _TRAILER_NAME
                 else:
                     raise ProtocolError("invalid trailer field")
             elif state == _TRAILER_NAME:
                 if c == 58:  # ':'
+                    # RFC 9110 section 6.5.1: framing cannot come after the content; a trailer
+                    # that names it is refused, never relayed to a parser that might merge it.
+                    if self._name.lower() in (b"content-length", b"transfer-encoding"):
+                        raise ProtocolError("framing field in a trailer")
                     state = _TRAILER_VALUE
                 elif not _TOKEN[c]:
                     raise ProtocolError("trailer field without a colon")
+                elif len(self._name) <= 17:
+                    self._name.append(c)
             elif state == _TRAILER_VALUE:
                 if c == 13:
                     state = _TRAILER_LF

@@ -146,9 +146,12 @@ never_dropped(const unsigned char *name, Py_ssize_t n)
     return IEQ(name, n, "host") || IEQ(name, n, "content-length") || IEQ(name, n, "transfer-encoding");
 }
 
-/* Merge a Content-Length value (maybe a list of equal values) into *length. */
+/* Merge a Content-Length value (maybe a list of identical values) into *length. Repeats must be
+ * the same digits, not just the same number ("05" and "5" differ): RFC 9112 section 6.3 lets a
+ * recipient collapse identical values only, and h11 compares them so too. *digits holds the first
+ * value's digit count (0: none yet). */
 static int
-merge_length(const unsigned char *raw, Py_ssize_t off, Py_ssize_t len, long long *length)
+merge_length(const unsigned char *raw, Py_ssize_t off, Py_ssize_t len, long long *length, Py_ssize_t *digits)
 {
     Py_ssize_t p = off, end = off + len;
     while (p <= end) {
@@ -169,11 +172,12 @@ merge_length(const unsigned char *raw, Py_ssize_t off, Py_ssize_t len, long long
             }
             n = n * 10 + (raw[k] - '0');
         }
-        if (*length >= 0 && n != *length) {
+        if (*length >= 0 && (n != *length || b - a != *digits)) {
             fail("differing Content-Length values", 400);
             return -1;
         }
         *length = n;
+        *digits = b - a;
         p = q + 1;
     }
     return 0;
@@ -696,6 +700,7 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     const unsigned char *raw = b + start;
     int hosts = 0, expect_continue = 0;
     long long length = -1;
+    Py_ssize_t length_digits = 0;
     Span host_value = {-1, 0}, upgrade = {-1, 0};
     Codings codings = {0, 0};
     int has_codings = 0;
@@ -718,7 +723,7 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
             if (IEQ(name, nlen, "connection") && add_options(&options, raw, voff, vlen) < 0) goto error;
             break;
         case 14:
-            if (IEQ(name, nlen, "content-length") && merge_length(raw, voff, vlen, &length) < 0) goto error;
+            if (IEQ(name, nlen, "content-length") && merge_length(raw, voff, vlen, &length, &length_digits) < 0) goto error;
             break;
         case 17:
             if (IEQ(name, nlen, "transfer-encoding")) { has_codings = 1; add_codings(&codings, raw, voff, vlen); }
@@ -878,6 +883,7 @@ parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
 
     const unsigned char *raw = b + start;
     long long length = -1;
+    Py_ssize_t length_digits = 0;
     Codings codings = {0, 0};
     int has_codings = 0;
     Options options;
@@ -886,7 +892,7 @@ parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
         const unsigned char *name = raw + fields[f].name;
         Py_ssize_t nlen = fields[f].name_len, voff = fields[f].value, vlen = fields[f].value_len;
         if (nlen == 14 && IEQ(name, nlen, "content-length")) {
-            if (merge_length(raw, voff, vlen, &length) < 0) goto error;
+            if (merge_length(raw, voff, vlen, &length, &length_digits) < 0) goto error;
         } else if (nlen == 17 && IEQ(name, nlen, "transfer-encoding")) {
             has_codings = 1;
             add_codings(&codings, raw, voff, vlen);
@@ -1168,6 +1174,8 @@ enum {
     S_TRAILER, S_TRAILER_NAME, S_TRAILER_VALUE, S_TRAILER_LF, S_END_LF, S_DONE
 };
 
+#define TRAILER_NAME_KEPT 17 /* enough to recognise "transfer-encoding" and "content-length" */
+
 typedef struct {
     PyObject_HEAD
     int state;
@@ -1175,6 +1183,8 @@ typedef struct {
     int digits;
     Py_ssize_t line;
     Py_ssize_t trailer;
+    Py_ssize_t name_len;                    /* the trailer field name so far */
+    unsigned char name[TRAILER_NAME_KEPT];  /* its first bytes, lower-cased */
 } ChunkedScanner;
 
 static PyObject *
@@ -1252,12 +1262,23 @@ scanner_feed(ChunkedScanner *self, PyObject *const *args, Py_ssize_t nargs, PyOb
             break;
         case S_TRAILER: /* the start of a trailer line, or the empty line that ends the body */
             if (c == '\r') state = S_END_LF;
-            else if (cls[c] & C_TOKEN) state = S_TRAILER_NAME;
+            else if (cls[c] & C_TOKEN) { self->name[0] = lower[c]; self->name_len = 1; state = S_TRAILER_NAME; }
             else { err = "invalid trailer field"; goto done; }
             break;
         case S_TRAILER_NAME:
-            if (c == ':') state = S_TRAILER_VALUE;
+            if (c == ':') {
+                /* RFC 9110 section 6.5.1: framing cannot come after the content; a trailer that
+                   names it is refused, never relayed to a parser that might merge it. */
+                if (IEQ(self->name, self->name_len, "content-length") ||
+                    IEQ(self->name, self->name_len, "transfer-encoding")) {
+                    err = "framing field in a trailer";
+                    goto done;
+                }
+                state = S_TRAILER_VALUE;
+            }
             else if (!(cls[c] & C_TOKEN)) { err = "trailer field without a colon"; goto done; }
+            else if (self->name_len < TRAILER_NAME_KEPT) self->name[self->name_len++] = lower[c];
+            else self->name_len = TRAILER_NAME_KEPT + 1; /* longer than any name we look for */
             break;
         case S_TRAILER_VALUE:
             if (c == '\r') state = S_TRAILER_LF;

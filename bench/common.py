@@ -9,6 +9,7 @@ import os
 import re
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -96,6 +97,17 @@ http {{
 
 def start(cmd: list[str], cpu: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 30.0, sig: int = signal.SIGTERM) -> None:
+    """Ask a process to exit (sig, unless None: it was asked already), SIGKILL it after grace seconds."""
+    if sig is not None and proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def worker_pid(master: subprocess.Popen) -> int:

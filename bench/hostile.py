@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -23,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from .common import HOST, ROOT, free_port, wait_port
+from .common import HOST, ROOT, free_port, stop_process, wait_port
 
 # How hard each attack leans (connections at once); --tiny divides them by 10.
 ATTACKS = {
@@ -79,12 +77,13 @@ async def _forever(until: float, make, pause: float = 0.05) -> int:
     return done
 
 
-async def _slow_head(port: int, until: float) -> None:
+async def _drip(port: int, until: float, first: bytes, drop: bytes) -> None:
+    """Send first, then one byte a second until the deadline or until wakegate closes."""
     reader, writer = await _open(port)
     try:
-        writer.write(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n".encode())
+        writer.write(first)
         while time.monotonic() < until:
-            writer.write(b"X")
+            writer.write(drop)
             await writer.drain()
             await asyncio.sleep(1.0)
             if reader.at_eof():
@@ -93,18 +92,13 @@ async def _slow_head(port: int, until: float) -> None:
         writer.close()
 
 
-async def _trickle(port: int, until: float, size: int, burst: int) -> None:
-    reader, writer = await _open(port)
-    try:
-        writer.write(f"POST /count HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {size}\r\n\r\n".encode() + b"x" * burst)
-        while time.monotonic() < until:
-            writer.write(b"y")
-            await writer.drain()
-            await asyncio.sleep(1.0)
-            if reader.at_eof():
-                return
-    finally:
-        writer.close()
+def _slow_head(port: int, until: float):
+    return _drip(port, until, f"GET / HTTP/1.1\r\nHost: {HOST}\r\n".encode(), b"X")
+
+
+def _trickle(port: int, until: float, size: int, burst: int):
+    head = f"POST /count HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {size}\r\n\r\n".encode()
+    return _drip(port, until, head + b"x" * burst, b"y")
 
 
 async def _unread(port: int, until: float, request: bytes) -> None:
@@ -275,12 +269,7 @@ def hostile(tmp: Path, duration: float, tiny: bool = False) -> dict:
         if attacker is not None and attacker.poll() is None:
             attacker.kill()
             attacker.wait()
-        wakegate.send_signal(signal.SIGTERM)
-        try:
-            wakegate.wait(30)
-        except subprocess.TimeoutExpired:
-            wakegate.kill()
-            wakegate.wait()
+        stop_process(wakegate)
         log.close()
         backend.kill()
         backend.wait()

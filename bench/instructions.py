@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import free_port
+from .common import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "examples" / "backend.py"
@@ -98,12 +97,7 @@ def _count(tmp: Path, name: str, table: str, backend_port: int, requests: int, w
         _requests(port, requests)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True, timeout=60)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 120)
     dumps = sorted(tmp.glob(f"{out.name}.*"))
     if not dumps:
         raise RuntimeError(f"callgrind wrote no dump for {name}")

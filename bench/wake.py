@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from controller.readiness import probe_once  # noqa: E402
 
-from .common import free_port  # noqa: E402
+from .common import free_port, stop_process  # noqa: E402
 
 
 def microvm_unavailable() -> str | None:
@@ -258,11 +258,7 @@ def _bare_restore(snapshot_dir: Path, port: int, name: str = "svc") -> tuple[flo
             execute("quit")
         except (OSError, ValueError):
             pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10, sig=None)  # asked over QMP above
         ours.close()
 
 

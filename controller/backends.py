@@ -269,6 +269,37 @@ def choose_freezer(service: str, cgroup_root: Path = CGROUP_ROOT, instance: str 
     return SignalFreezer()
 
 
+class SharedStop:
+    """One stop at a time: concurrent callers wait for the stop already under way, and a wake waits
+    for it too (the old process still holds the port)."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future | None = None
+
+    @property
+    def under_way(self) -> bool:
+        return self.task is not None
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+
+    async def run(self, make) -> None:
+        """Stop with make() (a coroutine, or None when there is nothing to stop), or join the stop
+        already under way."""
+        if self.task is None:
+            coro = make()
+            if coro is None:
+                return
+            self.task = asyncio.ensure_future(coro)
+        task = self.task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if self.task is task and task.done():
+                self.task = None
+
+
 def watch_exit(proc: subprocess.Popen, exited: asyncio.Future, loop, on_exit=None) -> None:
     """Resolve ``exited`` with proc's status when it exits (then call ``on_exit(status)``).
 
@@ -329,7 +360,7 @@ class ProcessBackend:
         self.pools: list = []  # the proxy's pools for this address: a thawed process is probed over one
         self.frozen = False
         self._exited: asyncio.Future | None = None
-        self._stopping: asyncio.Future | None = None
+        self._stop = SharedStop()
         self.last_resume_seconds: float | None = None  # backend's own part of the last wake
         self.last_ready_seconds: float | None = None  # readiness wait of the last wake
         if mode == "pause":
@@ -346,14 +377,13 @@ class ProcessBackend:
     @property
     def running(self) -> bool:
         """A process that is up and not being stopped (a stop under way never counts as up)."""
-        return self.proc is not None and self.proc.poll() is None and self._stopping is None
+        return self.proc is not None and self.proc.poll() is None and not self._stop.under_way
 
     def describe(self) -> dict:
         return {"pid": self.proc.pid if self.running else None}
 
     async def wake(self, deadline: float) -> None:
-        if self._stopping is not None:
-            await asyncio.shield(self._stopping)  # the last process must be gone: it holds the port
+        await self._stop.wait()  # the last process must be gone: it holds the port
         started = time.monotonic()
         thawed = False
         if self.running and self.frozen:
@@ -450,17 +480,8 @@ class ProcessBackend:
     async def stop(self) -> None:
         """Terminate the process group: SIGTERM, then SIGKILL after STOP_GRACE. Concurrent callers
         wait for the same stop, and a wake waits for it too."""
-        if self._stopping is None:
-            proc = self.proc
-            if proc is None or proc.poll() is not None:
-                return
-            self._stopping = asyncio.ensure_future(self._terminate(proc))
-        stopping = self._stopping
-        try:
-            await asyncio.shield(stopping)
-        finally:
-            if self._stopping is stopping and stopping.done():
-                self._stopping = None
+        proc = self.proc
+        await self._stop.run(lambda: self._terminate(proc) if proc is not None and proc.poll() is None else None)
 
     async def _terminate(self, proc: subprocess.Popen) -> None:
         pgid = proc.pid

@@ -25,7 +25,7 @@ import orjson
 
 from proxy.metrics import Histogram
 
-from .backends import watch_exit
+from .backends import SharedStop, watch_exit
 from .guest import host_khz
 from .qmp import QMP, QMPError
 from .readiness import ATTEMPT_FIRST, ATTEMPT_MAX, NotReady, probe_once, probe_until_ready
@@ -78,7 +78,7 @@ class MicroVMBackend:
         self.qmp: QMP | None = None
         self.paused = False
         self._exited: asyncio.Future | None = None
-        self._stopping: asyncio.Task | None = None
+        self._stop = SharedStop()
         self.last_resume_seconds: float | None = None  # launch (or cont) to the vCPUs running
         self.last_ready_seconds: float | None = None  # then to the guest answering
         self.last_save_seconds: float | None = None
@@ -339,8 +339,7 @@ class MicroVMBackend:
     # ---- what Service asks ----
 
     async def wake(self, deadline: float) -> None:
-        if self._stopping is not None:
-            await self._stopping  # the last QEMU still holds the forwarded port
+        await self._stop.wait()  # the last QEMU still holds the forwarded port
         started = time.monotonic()
         first_attempt = ATTEMPT_FIRST
         if self.running:
@@ -413,11 +412,4 @@ class MicroVMBackend:
 
     async def stop(self) -> None:
         """QEMU exits (quit, then signals); concurrent callers wait for the same stop."""
-        if self._stopping is None:
-            self._stopping = asyncio.ensure_future(self._quit())
-        stopping = self._stopping
-        try:
-            await asyncio.shield(stopping)
-        finally:
-            if self._stopping is stopping and stopping.done():
-                self._stopping = None
+        await self._stop.run(self._quit)

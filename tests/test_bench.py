@@ -77,6 +77,18 @@ def test_parse_compares_the_parsers(tiny_run):
     assert medians["c"] < medians["python"]
 
 
+def test_hostile_measures_a_polite_client_under_attack(tiny_run):
+    _, results, _ = tiny_run
+    section = results["sections"]["hostile"]
+    polite = section["polite"]
+    assert polite["requests"] > 10 and polite["errors"] == 0
+    assert 0 < polite["p50_ms"] <= polite["p99_ms"] <= polite["max_ms"]
+    assert section["wakegate_alive"]
+    assert section["attacks"]["attempts"] > 0 and set(section["attacks"]["connections"]) >= {"slow_heads",
+                                                                                              "trickle_small"}
+    assert 10 < section["rss_mib"]["start"] <= section["rss_mib"]["peak"] < 500
+
+
 def test_outputs_written(tiny_run):
     out, results, stdout = tiny_run
     assert sorted(results["plots"]) == sorted(p.name for p in out.glob("*.png"))
@@ -85,7 +97,7 @@ def test_outputs_written(tiny_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (md,) = out.glob("all-*.md")
     text = md.read_text()
-    for heading in ("### steady", "### wake", "### burst", "### scale", "### parse"):
+    for heading in ("### steady", "### wake", "### burst", "### scale", "### parse", "### hostile"):
         assert heading in text
     assert "round 1/1" in stdout  # progress is shown
 

@@ -106,7 +106,7 @@ fuzz: fuzz-build
 	      > build/fuzz/job-$$job.log 2>&1; echo $$? > build/fuzz/job-$$job.rc ) & \
 	done; wait; \
 	status=0; for job in $$(seq $(FUZZ_JOBS)); do \
-	  echo "== job $$job: exit $$(cat build/fuzz/job-$$job.rc)"; grep -E "stat::number_of_executed_units|Difference|ERROR" build/fuzz/job-$$job.log | head -5; \
+	  echo "== job $$job: exit $$(cat build/fuzz/job-$$job.rc)"; grep -E "^Done|stat::number_of_executed_units|Difference|ERROR" build/fuzz/job-$$job.log | head -5; \
 	  [ "$$(cat build/fuzz/job-$$job.rc)" = 0 ] || status=1; \
 	done; \
 	echo "$(FUZZ_RUNS) inputs in $$(( $$(date +%s) - start )) s over $(FUZZ_JOBS) jobs"; exit $$status

@@ -304,6 +304,7 @@ class ScriptedOrigin:
 
 # ---- every test fails if it leaves something behind ------------------------------
 
+import asyncio  # noqa: E402
 import ctypes  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -367,9 +368,21 @@ def _subreaper():
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(request):
-    """Fail the test that leaves a child process, a file descriptor or a wakegate cgroup behind."""
+def no_leaks(request, monkeypatch):
+    """Fail the test that leaves a child process, a file descriptor or a wakegate cgroup behind, or
+    ends an asyncio.run() with a task still pending or a timer still scheduled."""
     children, fds, cgroups = _children(), _fds(), _cgroups()
+    left_in_loops = []
+    cancel_all = asyncio.runners._cancel_all_tasks
+
+    def checked(loop):  # asyncio.run() would cancel what is left without a word
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        timers = [h for h in getattr(loop, "_scheduled", ()) if not h.cancelled()]
+        if tasks or timers:
+            left_in_loops.append(f"tasks {tasks}, timers {timers}")
+        return cancel_all(loop)
+
+    monkeypatch.setattr(asyncio.runners, "_cancel_all_tasks", checked)
     yield
     deadline = time.monotonic() + LEAK_GRACE
     while True:
@@ -398,5 +411,7 @@ def no_leaks(request):
         problems.append(f"file descriptors left open: {left_fds}")
     if left_cgroups:
         problems.append(f"cgroups left behind: {sorted(left_cgroups)}")
+    if left_in_loops:
+        problems.append(f"left in an event loop at its end: {'; '.join(left_in_loops)}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean \
-	fuzz-deps fuzz-build fuzz-quick fuzz
+	fuzz-deps fuzz-build fuzz-quick fuzz criu
 
 # Debian packages the build needs: venv, a compiler and the Python headers.
 system-deps:
@@ -62,9 +62,14 @@ test-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
 	fi
 
+# CRIU >= 4.2 for process snapshots (sleep = "snapshot" on a command service), built from Debian's
+# source of a newer suite and cached in /var/cache/wakegate (deploy/criu.sh says why).
+criu:
+	@deploy/criu.sh >/dev/null
+
 # The whole suite against the C extension, then against the pure-Python twin, after a bounded
 # fuzz run of the C entry points under AddressSanitizer.
-test: setup test-deps guest fuzz-quick test-c test-python
+test: setup test-deps criu guest fuzz-quick test-c test-python
 
 # Fuzzing (tests/fuzz/http11_fuzz.py): the extension built with clang's ASan and libFuzzer
 # instrumentation into build/fuzz, driven by atheris with its ASan runtime preloaded. Every input is

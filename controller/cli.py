@@ -150,9 +150,9 @@ def prepare_snapshot(config, name: str) -> int:
         print(f"wakegate: {config.path}: no service {name!r}; known: {', '.join(sorted(config.services))}",
               file=sys.stderr)
         return EXIT_CONFIG
-    if svc.microvm is None:
-        print(f"wakegate: {config.path}: services.{name}: not a microVM service (it has no [services.{name}.microvm])",
-              file=sys.stderr)
+    if svc.microvm is None and svc.criu is None:
+        print(f"wakegate: {config.path}: services.{name}: has no snapshot to prepare (it needs a "
+              f'[services.{name}.microvm] table, or a command with sleep = "snapshot")', file=sys.stderr)
         return EXIT_CONFIG
     import time
 
@@ -160,7 +160,11 @@ def prepare_snapshot(config, name: str) -> int:
     from .readiness import NotReady
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    backend = make_backend(svc)
+    try:
+        backend = make_backend(svc)
+    except RuntimeError as exc:  # CriuError: no usable CRIU
+        print(f"wakegate: snapshot {name}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
 
     async def run() -> dict:
         started = time.monotonic()
@@ -174,14 +178,15 @@ def prepare_snapshot(config, name: str) -> int:
     try:
         meta = asyncio.run(run())
     except (asyncio.TimeoutError, NotReady) as exc:
-        print(f"wakegate: snapshot {name}: the guest did not answer {svc.ready_path} within wake_timeout "
-              f"({svc.wake_timeout:g}s): {exc}; its console is in {backend.serial_log}", file=sys.stderr)
+        where = f"; its console is in {svc.microvm.snapshot_dir}/{name}.serial.log" if svc.microvm else ""
+        print(f"wakegate: snapshot {name}: the service did not answer {svc.ready_path} within wake_timeout "
+              f"({svc.wake_timeout:g}s): {exc}{where}", file=sys.stderr)
         return EXIT_RUNTIME
     except Exception as exc:  # QMPError, RuntimeError, OSError: one line, no traceback
         print(f"wakegate: snapshot {name}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    print(f"{backend.vmstate}: {meta['bytes'] / 1e6:.1f} MB, saved in {meta['save_seconds']:.3f}s "
-          f"({meta['total_seconds']:.1f}s with the boot)")
+    print(f"{meta['path']}: {meta['bytes'] / 1e6:.1f} MB, saved in {meta['save_seconds']:.3f}s "
+          f"({meta['total_seconds']:.1f}s with the start)")
     return 0
 
 

@@ -36,7 +36,7 @@ UNKNOWN_HOST_STATUSES = (404, 421)
 IDLE_TIMEOUT = 300.0  # idle time before a service with a command sleeps; Cloud Run keeps idle instances up to 15 min
 WAKE_TIMEOUT = 30.0  # held requests wait at most this for a wake; Knative's activator waits up to its 30 s probe timeout
 MAX_QUEUE = 10_000  # held requests per service; Knative activator's queue depth
-SLEEP_MODES = ("pause", "stop")
+SLEEP_MODES = ("pause", "stop", "snapshot")  # for a command; "snapshot" is CRIU
 MICROVM_SLEEP_MODES = ("snapshot", "pause")
 SNAPSHOT_POLICIES = ("stateful", "prepared")
 MICROVM_ACCELS = ("tcg", "kvm", "auto")
@@ -124,6 +124,15 @@ class MicroVMConfig:
 
 
 @dataclass(frozen=True)
+class CriuConfig:
+    """A command service that sleeps as a CRIU image (absolute paths)."""
+
+    binary: str  # a CRIU new enough, found or configured
+    snapshot_dir: str = ""
+    warmup: tuple[str, ...] = ()  # paths requested after a cold start, before the prepared snapshot
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     name: str
     hosts: tuple[str, ...]
@@ -140,6 +149,7 @@ class ServiceConfig:
     no_wake: NoWake = NoWake()
     microvm: MicroVMConfig | None = None  # set: the service runs in a microVM, not as a command
     snapshot_policy: str = "stateful"
+    criu: CriuConfig | None = None  # set: a command service with sleep = "snapshot"
 
     @property
     def wakeable(self) -> bool:
@@ -443,6 +453,20 @@ def _microvm(v: _Reader, path: str, upstream: Address, upstream_reader: _Reader)
     )
 
 
+def _criu(c: _Reader, path: str) -> CriuConfig:
+    from .criu import find_criu
+
+    configured = c.string("binary", "")
+    binary, why = find_criu(str(_beside(path, configured)) if "/" in configured else configured)
+    if binary is None:
+        raise c.error("binary", why)
+    snapshot_dir = _beside(path, c.string("snapshot_dir", MICROVM_SNAPSHOT_DIR))
+    if not _writable_dir(snapshot_dir):
+        raise c.error("snapshot_dir", f"{str(snapshot_dir)!r} is not a directory wakegate can write to")
+    warmup = tuple(_check_path(c, p, "warmup") for p in c.strings("warmup"))
+    return CriuConfig(binary=binary, snapshot_dir=str(snapshot_dir), warmup=warmup)
+
+
 _WAKE_KEYS = ("cwd", "env", "sleep", "snapshot_policy", "idle_timeout", "wake_timeout", "max_queue", "ready_path",
               "no_wake")
 
@@ -478,10 +502,16 @@ def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
         quoted = " or ".join(f'"{m}"' for m in modes)
         raise r.error("sleep", f"expected {quoted}, got {sleep!r}")
     out["sleep"] = sleep
+    if command is not None and (sleep == "snapshot" or r.has("criu")):
+        c = r.sub("criu")
+        if sleep != "snapshot":
+            raise r.error("criu", 'only applies to a service with sleep = "snapshot"')
+        out["criu"] = _criu(c, path)
+        c.finish()
     if r.has("snapshot_policy"):
         policy = r.string("snapshot_policy", "stateful")
         if sleep != "snapshot":
-            raise r.error("snapshot_policy", 'only applies to a microVM with sleep = "snapshot"')
+            raise r.error("snapshot_policy", 'only applies to a service with sleep = "snapshot"')
         if policy not in SNAPSHOT_POLICIES:
             raise r.error("snapshot_policy", f'expected "stateful" or "prepared", got {policy!r}')
         out["snapshot_policy"] = policy

@@ -26,6 +26,13 @@ def make_backend(svc, instance: str = "default"):
         return MicroVMBackend(svc.name, svc.microvm, mode=svc.sleep, policy=svc.snapshot_policy,
                               host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
                               ready_timeout=svc.wake_timeout)
+    if svc.criu is not None:
+        from .criu import CriuProcessBackend
+
+        return CriuProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, policy=svc.snapshot_policy,
+                                  host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
+                                  ready_timeout=svc.wake_timeout, snapshot_dir=svc.criu.snapshot_dir,
+                                  warmup=svc.criu.warmup, criu=svc.criu.binary, instance=instance)
     if svc.command:
         return ProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, mode=svc.sleep,
                               host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,

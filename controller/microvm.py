@@ -300,7 +300,7 @@ class MicroVMBackend:
             await qmp.execute("cont")  # QEMU allows cont after a completed migration (postmigrate)
         else:
             await self._quit()
-        return meta
+        return {**meta, "path": str(self.vmstate)}
 
     async def _quit(self) -> None:
         """Ask QEMU to exit over QMP; if it does not answer (hung), or does not exit, signal it."""

@@ -76,7 +76,7 @@ def test_no_command_prints_help():
     assert result.returncode == 2 and "serve" in result.stderr
 
 
-@pytest.mark.parametrize("service,needle", [("nope", "no service 'nope'"), ("a", "not a microVM service")])
+@pytest.mark.parametrize("service,needle", [("nope", "no service 'nope'"), ("a", "has no snapshot to prepare")])
 def test_snapshot_refuses_what_it_cannot_snapshot(tmp_path, service, needle):
     path = tmp_path / "c.toml"
     path.write_text('[services.a]\nhosts = ["a"]\nupstream = "127.0.0.1:1"\n')

@@ -273,3 +273,27 @@ def test_kernel_the_serving_user_cannot_read(tmp_path):
                                          "by this user: Permission denied")
     finally:
         shutil.rmtree(folder)
+
+
+# ---- process snapshots name a missing or too old CRIU ------------------------------------
+
+@pytest.mark.parametrize("script,words", [
+    ("#!/bin/sh\necho 'Version: 3.17.1'\n", "is CRIU 3.17, older than 4.2"),
+    ("#!/bin/sh\nexit 1\n", "does not run"),
+])
+def test_snapshot_service_needs_a_recent_criu(tmp_path, script, words):
+    criu = tmp_path / "criu"
+    criu.write_text(script)
+    criu.chmod(0o755)
+    path = write(tmp_path, '[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\n'
+                           f'sleep = "snapshot"\n[services.x.criu]\nbinary = "{criu}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith(f"{path}: services.x.criu.binary: ") and words in str(info.value)
+
+
+def test_criu_table_only_with_snapshot_sleep(tmp_path):
+    path = write(tmp_path, '[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\ncommand = ["sh"]\n'
+                           'sleep = "stop"\n[services.x.criu]\n')
+    with pytest.raises(ConfigError, match=r'services\.x\.criu: only applies to a service with sleep = "snapshot"'):
+        load(path)

@@ -17,7 +17,8 @@ from .conftest import ROOT, free_port
 from .test_controller import admin, alive, fetch, state, wait_state
 
 CRIU, WHY = find_criu()
-pytestmark = pytest.mark.skipif(CRIU is None, reason=f"process snapshots need CRIU: {WHY}")
+pytestmark = [pytest.mark.skipif(CRIU is None, reason=f"process snapshots need CRIU: {WHY}"),
+              pytest.mark.backend]  # end-to-end with a real backend: run once, on the C build
 DEMO = ROOT / "examples" / "demo_app.py"
 
 

@@ -16,6 +16,8 @@ from controller import guest
 
 from .conftest import ROOT, free_port
 
+pytestmark = pytest.mark.backend  # end-to-end with a real backend: run once, on the C build
+
 
 def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
     """A reader for cpio newc, written from the format's description, to check the writer."""

@@ -26,6 +26,8 @@ from controller.microvm import MicroVMBackend
 from .conftest import ROOT, Client, free_port
 from .test_guest import built_guest  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.backend  # end-to-end with a real backend: run once, on the C build
+
 WAIT = 90.0  # seconds: a cold boot under emulation on a loaded 2-core host
 HELLO = b"hello from the microVM guest\n"
 

@@ -14,6 +14,8 @@ from controller.qmp import QMP, QMPError
 from .conftest import free_port
 from .test_guest import built_guest  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.backend  # end-to-end with a real backend: run once, on the C build
+
 
 def qemu_args(g, port, sock, serial, extra=()):
     return ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "128", "-smp", "1", "-nodefaults",

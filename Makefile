@@ -29,7 +29,7 @@ build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import proxy._speedups, proxy.http11 as h; assert h.IMPLEMENTATION == 'c', h.IMPLEMENTATION"
 
-run: setup guest
+run: setup guest criu
 	$(PY) examples/demo.py
 
 # QEMU, busybox and lz4 for the microVM service (config.example.toml's `vm`), from Debian's packages.

@@ -49,6 +49,8 @@ def main() -> int:
             "demo: try  curl -H 'Host: paused.localhost' http://127.0.0.1:8080/     (wakes a paused service)\n"
             "           curl -H 'Host: stopped.localhost' http://127.0.0.1:8080/    (cold-starts a stopped one)\n"
             "           curl -H 'Host: vm.localhost' http://127.0.0.1:8080/         (restores a microVM snapshot)\n"
+            "           curl -H 'Host: slow.localhost' http://127.0.0.1:8080/       (3 s cold start; after its idle\n"
+            "                                                                      sleep, a CRIU restore in ms)\n"
             "           curl http://127.0.0.1:9090/services                        (states, wakes, sleeps)",
             flush=True,
         )

@@ -92,6 +92,8 @@ class Wakegate:
         """Start wakegate again with the same config (and so the same ports), after it exited."""
         assert self.proc.poll() is not None, "still running"
         self.proc.stderr.close()
+        if self.log.closed:  # stopped by stop(): the log goes on
+            self.log = open(self.log_path, "ab")
         self._spawn()
 
     def _spawn(self) -> None:

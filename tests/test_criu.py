@@ -4,8 +4,11 @@ Needs CRIU >= 4.2 (`make criu`, run by `make test`); skipped with the reason whe
 
 import json
 import os
+import random
 import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 
 from controller.criu import find_criu
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, Client, free_port
 from .test_controller import admin, alive, fetch, state, wait_state
 
 CRIU, WHY = find_criu()
@@ -166,3 +169,48 @@ def test_restored_service_dies_with_wakegate(start_wakegate, tmp_path):
     assert not alive(pid)
     w.restart()  # and the next wakegate clears what the killed one left (its cgroups)
     assert fetch(w.port, "die.test").status == 200
+
+
+def test_wakegate_snapshot_prepares_the_image_ahead(start_wakegate, tmp_path):
+    port = free_port()
+    w = start_wakegate(snapshot_service("ahead", port, tmp_path, "prepared"))
+    w.stop()  # the same config, prepared from the command line while nothing runs
+    result = subprocess.run([sys.executable, "-m", "controller.cli", "snapshot", "ahead", "-c", str(w.config_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(tmp_path / "ahead.criu")) and " MB, saved in " in result.stdout
+    w.restart()
+    assert fetch(w.port, "ahead.test").status == 200
+    assert snap(w, "ahead")["boots"] == {"cold": 0, "restore": 1}  # the very first wake is a restore
+
+
+@pytest.mark.parametrize("policy", ["prepared", "stateful"])
+def test_random_arrivals_across_snapshot_cycles_lose_nothing(start_wakegate, tmp_path, policy):
+    """Bounded: 100 sleep/wake cycles or 60 s, two clients at random intervals around the idle timeout."""
+    w = start_wakegate(snapshot_service("soak", free_port(), tmp_path, policy, idle="50ms"))
+    deadline = time.monotonic() + 60
+    results = []
+    lock = threading.Lock()
+
+    def worker(seed):
+        r = random.Random(seed)
+        c = Client(w.port, timeout=30)
+        while time.monotonic() < deadline and state(w, "soak")["wakes"] < 100:
+            if r.random() < 0.3:
+                c.close()
+                c = Client(w.port, timeout=30)
+            response = c.request(b"GET / HTTP/1.1\r\nHost: soak.test\r\n\r\n")
+            with lock:
+                results.append(response.status)
+            time.sleep(r.choice([0, 0.01, 0.05, 0.08, 0.12, 0.15]))
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = state(w, "soak")
+    assert results and all(code == 200 for code in results), {c: results.count(c) for c in set(results)}
+    assert s["wakes"] >= 100 or time.monotonic() >= deadline, s
+    assert s["snapshot"]["boots"]["restore"] >= s["wakes"] - 2  # a cold start or two, restores after

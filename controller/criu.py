@@ -34,7 +34,7 @@ import orjson
 from proxy.metrics import Histogram
 
 from .backends import PDEATHSIG, SharedStop, _CgroupFreezer, choose_freezer, watch_exit
-from .readiness import ATTEMPT_FIRST, ATTEMPT_MAX, probe_once, probe_until_ready
+from .readiness import ATTEMPT_FIRST, probe_until_ready, warm_up
 
 log = logging.getLogger("wakegate.criu")
 
@@ -332,7 +332,7 @@ class CriuProcessBackend:
                 self.discard_image("the restored service did not answer")
             raise
         if kind == "cold" and self.policy == "prepared":
-            await self._warm_up()
+            await warm_up(self.name, self.host, self.port, self.warmup)
             try:
                 await self.dump(leave_running=True)
             except CriuError as exc:
@@ -340,14 +340,6 @@ class CriuProcessBackend:
         self.last_ready_seconds = time.monotonic() - resumed
         self.last_wake_kind = kind
         self.boots[kind] += 1
-
-    async def _warm_up(self) -> None:
-        for path in self.warmup:
-            try:
-                status = await probe_once(self.host, self.port, path, ATTEMPT_MAX * 5)
-                log.info("service %s: warm-up GET %s: %d", self.name, path, status)
-            except Exception as exc:
-                log.warning("service %s: warm-up GET %s failed: %s", self.name, path, exc)
 
     async def sleep(self) -> None:
         if not self.running:
@@ -368,7 +360,7 @@ class CriuProcessBackend:
         """``wakegate snapshot NAME``: cold start, wait until ready, warm up, dump, end the process."""
         await self._cold_start()
         await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited(), ATTEMPT_FIRST)
-        await self._warm_up()
+        await warm_up(self.name, self.host, self.port, self.warmup)
         await self.dump(leave_running=False)
         return {"path": str(self.image), "bytes": self.snapshot_bytes, "save_seconds": self.last_dump_seconds}
 

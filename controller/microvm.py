@@ -28,7 +28,7 @@ from proxy.metrics import Histogram
 from .backends import SharedStop, watch_exit
 from .guest import host_khz
 from .qmp import QMP, QMPError
-from .readiness import ATTEMPT_FIRST, ATTEMPT_MAX, NotReady, probe_once, probe_until_ready
+from .readiness import ATTEMPT_FIRST, ATTEMPT_MAX, NotReady, probe_until_ready, warm_up
 
 log = logging.getLogger("wakegate.microvm")
 
@@ -365,7 +365,7 @@ class MicroVMBackend:
         self.last_resume_seconds = resumed - started
         await self._until_ready(deadline, first_attempt)
         if kind == "cold" and self.mode == "snapshot" and self.policy == "prepared":
-            await self._warm_up()
+            await warm_up(self.name, self.host, self.port, self.vm.warmup)
             try:
                 await self._save(keep_running=True)
             except RuntimeError as exc:
@@ -383,15 +383,6 @@ class MicroVMBackend:
                 raise NotReady(f"{self._exit_reason()} before the guest answered", exc.timed_out) from None
             raise
 
-    async def _warm_up(self) -> None:
-        """The configured warm-up requests, so that the prepared snapshot has them in memory."""
-        for path in self.vm.warmup:
-            try:
-                status = await probe_once(self.host, self.port, path, ATTEMPT_MAX * 5)
-                log.info("service %s: warm-up GET %s: %d", self.name, path, status)
-            except Exception as exc:  # a failed warm-up request does not stop the snapshot
-                log.warning("service %s: warm-up GET %s failed: %s", self.name, path, exc)
-
     async def sleep(self) -> None:
         if not self.running:
             return
@@ -407,7 +398,7 @@ class MicroVMBackend:
         """``wakegate snapshot NAME``: cold boot, wait until ready, warm up, snapshot, quit."""
         await self._launch(self.machine_args())
         await self._until_ready(deadline, ATTEMPT_FIRST)
-        await self._warm_up()
+        await warm_up(self.name, self.host, self.port, self.vm.warmup)
         return await self._save(keep_running=False)
 
     async def stop(self) -> None:

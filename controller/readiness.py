@@ -9,6 +9,7 @@ real wake time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from proxy.http11 import CHUNKED, UNTIL_CLOSE, ChunkedScanner, ProtocolError, parse_response
@@ -189,3 +190,15 @@ async def probe_until_ready(host: str, port: int, path: str, deadline: float, ex
                 attempt_timeout = min(attempt_timeout * 1.5, ATTEMPT_MAX)
         await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 2, RETRY_MAX)
+
+
+async def warm_up(name: str, host: str, port: int, paths) -> None:
+    """GET each warm-up path once (a prepared snapshot then holds what they touched); a failure is
+    logged, never fatal."""
+    log = logging.getLogger("wakegate.backend")
+    for path in paths:
+        try:
+            status = await probe_once(host, port, path, ATTEMPT_MAX * 5)
+            log.info("service %s: warm-up GET %s: %d", name, path, status)
+        except Exception as exc:
+            log.warning("service %s: warm-up GET %s failed: %s", name, path, exc)

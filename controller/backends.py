@@ -382,6 +382,9 @@ class ProcessBackend:
     def describe(self) -> dict:
         return {"pid": self.proc.pid if self.running else None}
 
+    def snapshot_stats(self) -> None:
+        return None  # frozen or stopped: no snapshot
+
     async def wake(self, deadline: float) -> None:
         await self._stop.wait()  # the last process must be gone: it holds the port
         started = time.monotonic()

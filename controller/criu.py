@@ -35,6 +35,7 @@ from proxy.metrics import Histogram
 
 from .backends import PDEATHSIG, SharedStop, _CgroupFreezer, choose_freezer, watch_exit
 from .readiness import ATTEMPT_FIRST, probe_until_ready, warm_up
+from .service import SnapshotStats
 
 log = logging.getLogger("wakegate.criu")
 
@@ -129,8 +130,8 @@ class CriuProcessBackend:
         self.last_ready_seconds: float | None = None
         self.last_wake_kind: str | None = None
         self.boots = {"cold": 0, "restore": 0}
-        self.dumps = 0
-        self.dump_seconds = Histogram()
+        self.saves = 0
+        self.save_seconds = Histogram()
         self.last_dump_seconds: float | None = None
         self.snapshot_bytes = self._image_bytes()
 
@@ -189,6 +190,9 @@ class CriuProcessBackend:
             if self.proc is None:
                 self._exited.set_result(None)
         return self._exited
+
+    def snapshot_stats(self) -> SnapshotStats:
+        return SnapshotStats(self.boots, self.snapshot_bytes, self.saves, self.save_seconds)
 
     def describe(self) -> dict:
         return {
@@ -298,8 +302,8 @@ class CriuProcessBackend:
             shutil.rmtree(partial, ignore_errors=True)
             raise CriuError(f"dump failed: {why}")
         self.last_dump_seconds = time.monotonic() - started
-        self.dump_seconds.observe(self.last_dump_seconds)
-        self.dumps += 1
+        self.save_seconds.observe(self.last_dump_seconds)
+        self.saves += 1
         shutil.rmtree(self.image, ignore_errors=True)
         partial.rename(self.image)
         self.meta.write_bytes(orjson.dumps({"fingerprint": self.fingerprint(), "command": self.command,

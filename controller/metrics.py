@@ -35,10 +35,10 @@ _FAMILIES = [
     ("wakegate_service_state", "gauge", "1 for the state the service is in.", ["service", "state"]),
     ("wakegate_upstream_errors", "counter",
      "Upstream failures (refused, reset, timeout, connect_timeout, bad_response).", ["service", "reason"]),
-    ("wakegate_microvm_boots", "counter", "microVM starts by kind: cold (boot), restore (from a snapshot), cont "
-     "(paused VM resumed).", ["service", "kind"]),
-    ("wakegate_snapshot_bytes", "gauge", "Size of the microVM's snapshot file (0: none).", ["service"]),
-    ("wakegate_snapshot_save_seconds", "histogram", "Writing a microVM snapshot: stop to the file complete.",
+    ("wakegate_backend_starts", "counter", "Starts of a backend that sleeps as a snapshot (microVM, CRIU "
+     "process), by kind: cold, restore (from the snapshot), cont (a paused VM resumed).", ["service", "kind"]),
+    ("wakegate_snapshot_bytes", "gauge", "Size of the service's snapshot on disk (0: none).", ["service"]),
+    ("wakegate_snapshot_save_seconds", "histogram", "Writing a snapshot (microVM or CRIU process), start to complete.",
      ["service"]),
     ("wakegate_client_errors", "counter", "Requests refused before routing (bad_request, head_too_large, ...).",
      ["reason"]),
@@ -101,13 +101,13 @@ class WakegateCollector:
                     _histogram(wake_duration, [name, mode], service.wake_seconds)
                     _histogram(wake_resume, [name, mode], service.resume_seconds)
                     _histogram(wake_ready, [name, mode], service.ready_seconds)
-                microvm = getattr(service.backend, "boots", None)
-                if microvm is not None:
-                    for kind, n in microvm.items():
+                snap = service.backend.snapshot_stats()
+                if snap is not None:
+                    for kind, n in snap.starts.items():
                         boots.add_metric([name, kind], n)
-                    snapshot_bytes.add_metric([name], service.backend.snapshot_bytes)
-                    if service.backend.saves:
-                        _histogram(save_seconds, [name], service.backend.save_seconds)
+                    snapshot_bytes.add_metric([name], snap.snapshot_bytes)
+                    if snap.saves:
+                        _histogram(save_seconds, [name], snap.save_seconds)
         for reason, n in self.proxy_stats.client_errors.items():
             client_errors.add_metric([reason], n)
         dropped.add_metric([], self.proxy_stats.access_dropped)
@@ -163,11 +163,13 @@ class FastExposition:
         self._labels = {name: f'service="{_escape(name)}"' for name in controller.services}
 
     def _version(self, name, service, stats):
+        snap = service.backend.snapshot_stats() if service.backend is not None else None
+        snapshot = (snap.saves, snap.snapshot_bytes, sum(snap.starts.values())) if snap is not None else ()
         if stats is None:
             return (service.state, service.in_flight, service.queued, service.wakes, service.failures, service.sleeps,
-                    getattr(service.backend, "saves", 0), getattr(service.backend, "snapshot_bytes", 0))
+                    snapshot)
         return (service.state, service.in_flight, service.queued, service.wakes, service.failures, service.sleeps,
-                getattr(service.backend, "saves", 0), getattr(service.backend, "snapshot_bytes", 0), stats.duration.sum, sum(stats.upstream_errors.values()))
+                snapshot, stats.duration.sum, sum(stats.upstream_errors.values()))
 
     def _service_lines(self, name: str, service, stats) -> list[list[str]]:
         per = [[] for _ in _PER_SERVICE]
@@ -197,13 +199,13 @@ class FastExposition:
                 _hist_lines(per[10], "wakegate_wake_ready_seconds", mode_label, service.ready_seconds)
             for reason, n in service.sleep_reasons.items():
                 per[11].append(f'wakegate_sleeps_total{{{mode_label},reason="{_escape(reason)}"}} {_num(n)}\n')
-            microvm = getattr(service.backend, "boots", None)
-            if microvm is not None:
-                for kind, n in microvm.items():
-                    per[14].append(f'wakegate_microvm_boots_total{{{label},kind="{kind}"}} {_num(n)}\n')
-                per[15].append(f"wakegate_snapshot_bytes{{{label}}} {_num(service.backend.snapshot_bytes)}\n")
-                if service.backend.saves:
-                    _hist_lines(per[16], "wakegate_snapshot_save_seconds", label, service.backend.save_seconds)
+            snap = service.backend.snapshot_stats()
+            if snap is not None:
+                for kind, n in snap.starts.items():
+                    per[14].append(f'wakegate_backend_starts_total{{{label},kind="{kind}"}} {_num(n)}\n')
+                per[15].append(f"wakegate_snapshot_bytes{{{label}}} {_num(snap.snapshot_bytes)}\n")
+                if snap.saves:
+                    _hist_lines(per[16], "wakegate_snapshot_save_seconds", label, snap.save_seconds)
         current = service.state
         for st in State:
             per[12].append(f'wakegate_service_state{{{label},state="{st.value}"}} {"1.0" if st is current else "0.0"}\n')

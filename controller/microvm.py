@@ -29,6 +29,7 @@ from .backends import SharedStop, watch_exit
 from .guest import host_khz
 from .qmp import QMP, QMPError
 from .readiness import ATTEMPT_FIRST, ATTEMPT_MAX, NotReady, probe_until_ready, warm_up
+from .service import SnapshotStats
 
 log = logging.getLogger("wakegate.microvm")
 
@@ -148,6 +149,9 @@ class MicroVMBackend:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def snapshot_stats(self) -> SnapshotStats:
+        return SnapshotStats(self.boots, self.snapshot_bytes, self.saves, self.save_seconds)
 
     def describe(self) -> dict:
         """The admin API's view: the QEMU pid and the snapshot's state."""

@@ -15,7 +15,7 @@ import collections
 import enum
 import logging
 import time
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from proxy.metrics import Histogram
 from proxy.seam import Refused
@@ -55,6 +55,15 @@ class IllegalTransition(RuntimeError):
     """The supervisor asked for a move the life-cycle table does not allow (a bug, never input)."""
 
 
+class SnapshotStats(NamedTuple):
+    """What a backend that sleeps as a snapshot reports for the metrics."""
+
+    starts: dict  # kind (cold, restore, cont) -> count
+    snapshot_bytes: int  # the snapshot on disk now (0: none)
+    saves: int
+    save_seconds: Histogram  # writing one
+
+
 class Backend(Protocol):
     """What every backend (process, microVM, ...) offers the supervisor."""
 
@@ -77,6 +86,9 @@ class Backend(Protocol):
 
     def describe(self) -> dict:
         """Facts for the admin API: at least ``pid`` (None when not running)."""
+
+    def snapshot_stats(self) -> SnapshotStats | None:
+        """Starts by kind and the snapshot's size and saves; None for a backend without snapshots."""
 
 
 # Lease states

@@ -72,6 +72,9 @@ class Backend:
         self.proc.wait()
 
 
+OUR_INSTANCES: set[str] = set()  # wakegate instance names (cgroup folders) of this test session
+
+
 class Wakegate:
     """``wakegate serve`` as a real process, with a config written for the test."""
 
@@ -79,6 +82,7 @@ class Wakegate:
         self.launcher = list(launcher)  # a command to run wakegate under (prlimit, setpriv, ...)
         self.port = free_port()
         self.admin_port = free_port()
+        OUR_INSTANCES.add(f"127.0.0.1-{self.port}")  # its cgroups are ours to check (see no_leaks)
         self.config_path = tmp / f"wakegate-{self.port}.toml"
         self.config_path.write_text(
             f'[proxy]\nlisten = "127.0.0.1:{self.port}"\n' + config.replace("[proxy]\n", "")
@@ -340,11 +344,12 @@ def _fds() -> dict[int, str]:
 
 
 def _cgroups() -> set[str]:
+    """The service cgroups of the wakegates this session started (another suite may run beside us)."""
     out = set()
     for base in CGROUP_DIRS:
         if base.is_dir():
             for path in base.glob("*/*"):
-                if path.is_dir():
+                if path.is_dir() and path.parent.name in OUR_INSTANCES:
                     out.add(str(path))
     return out
 

@@ -5,11 +5,13 @@ Needs CRIU >= 4.2 (`make criu`, run by `make test`); skipped with the reason whe
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,12 @@ def test_prepared_snapshot_restores_the_same_state_every_wake(start_wakegate, tm
     # restored run's own probe and this request
     assert counts == [count(first.body) + 1] * 3
     assert b"pid 1," in first.body  # the init of its own PID namespace
+    with urllib.request.urlopen(f"http://127.0.0.1:{w.admin_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'wakegate_backend_starts_total{service="prep",kind="restore"} 3.0' in text
+    assert 'wakegate_backend_starts_total{service="prep",kind="cold"} 1.0' in text
+    assert re.search(r'wakegate_snapshot_bytes\{service="prep"\} [1-9]', text)
+    assert 'wakegate_snapshot_save_seconds_count{service="prep"} 1.0' in text
 
 
 def test_stateful_snapshot_keeps_the_state_across_sleeps(start_wakegate, tmp_path):

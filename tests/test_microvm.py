@@ -194,7 +194,7 @@ def test_prepared_snapshot_through_the_proxy(built_guest, tmp_path, start_wakega
     text = metrics(w)
     assert 'wakegate_wakes_total{service="vm",mode="snapshot",result="ok"} 2.0' in text
     assert 'wakegate_sleeps_total{service="vm",mode="snapshot",reason="idle"} 1.0' in text
-    assert 'wakegate_microvm_boots_total{service="vm",kind="restore"} 1.0' in text
+    assert 'wakegate_backend_starts_total{service="vm",kind="restore"} 1.0' in text
     assert re.search(r'wakegate_snapshot_bytes\{service="vm"\} [1-9]', text)
     assert re.search(r'wakegate_wake_duration_seconds_count\{service="vm",mode="snapshot"\} 2.0', text)
     w.stop()

@@ -490,19 +490,25 @@ class ProcessBackend:
         pgid = proc.pid
         try:
             os.killpg(pgid, signal.SIGTERM)
-            if self.frozen:
-                await self.freezer.thaw()  # a frozen process cannot act on SIGTERM
-                self.frozen = False
         except ProcessLookupError:
             return
+        # Thaw whatever the flag says: a freeze cut short (wakegate stopping in the middle of a
+        # sleep) leaves the group frozen with `frozen` still false, and a cgroup-v1-frozen process
+        # acts on no signal, SIGKILL included, until it is thawed.
+        try:
+            await self.freezer.thaw()
+        except (OSError, TimeoutError) as exc:
+            log.warning("service %s: thawing before the stop: %s", self.name, exc)
+        self.frozen = False
         exited = self.exited()
         try:
             await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE)
         except asyncio.TimeoutError:
             log.warning("service %s: pid %d ignored SIGTERM for %.0fs; killing", self.name, pgid, STOP_GRACE)
+            self.freezer.kill_rest(pgid)  # SIGKILL to the group, and its cgroup thawed and emptied
             try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await exited
+                await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE)
+            except asyncio.TimeoutError:
+                log.error("service %s: pid %d survived SIGKILL for %.0fs", self.name, pgid, STOP_GRACE)
+                return
         self.freezer.kill_rest(pgid)  # stragglers left in the group

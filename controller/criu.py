@@ -271,7 +271,10 @@ class CriuProcessBackend:
         except CriuError as exc:
             await self._stop.run(lambda: self._kill(self.proc))  # a restore stuck half-way: all of it
             why = _last_error(self.image / "restore.log")
-            shutil.copyfile(self.image / "restore.log", self.logfile.with_suffix(".restore.log"))
+            try:  # kept beside the service's log: the image goes, CRIU's account of it stays
+                shutil.copyfile(self.image / "restore.log", self.logfile.with_suffix(".restore.log"))
+            except OSError:
+                pass
             raise CriuError(f"restore failed: {why if 'RLIMIT' not in why else exc}") from None
 
     async def dump(self, leave_running: bool) -> None:

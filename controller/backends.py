@@ -148,6 +148,11 @@ class Freezer:
     def remove(self) -> None:
         """Forget the process tree (it has exited)."""
 
+    def launcher(self, argv: list[str]) -> list[str]:
+        """argv, so that the process is in this freezer's group from its first instruction (nothing
+        to do for a process group: the new session is it)."""
+        return argv
+
     def kill_rest(self, pgid: int) -> None:
         """SIGKILL whatever of the tree is left after its leader exited."""
         try:
@@ -166,6 +171,11 @@ class _CgroupFreezer(Freezer):
         self.path.mkdir(parents=True, exist_ok=True)
         _empty_cgroup(self.path)  # never put a new process into a frozen or occupied group
         (self.path / "cgroup.procs").write_text(str(pid))
+
+    def launcher(self, argv: list[str]) -> list[str]:
+        """Join the cgroup in a shell that then becomes argv: nothing argv forks escapes it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *argv]
 
     def kill_rest(self, pgid: int) -> None:
         super().kill_rest(pgid)

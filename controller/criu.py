@@ -33,7 +33,7 @@ import orjson
 
 from proxy.metrics import Histogram
 
-from .backends import PDEATHSIG, SharedStop, _CgroupFreezer, choose_freezer, watch_exit
+from .backends import PDEATHSIG, SharedStop, choose_freezer, watch_exit
 from .readiness import ATTEMPT_FIRST, probe_until_ready, warm_up
 from .service import SnapshotStats
 
@@ -141,8 +141,7 @@ class CriuProcessBackend:
         """The command, its cwd and environment, and the size and time of the executable and of every
         argument that is a file: a changed service never restores stale code."""
         files = []
-        program = shutil.which(self.command[0], path=(self.env or os.environ).get("PATH")) or self.command[0]
-        for arg in [program, *self.command[1:]]:
+        for arg in [self._program(), *self.command[1:]]:
             path = arg if os.path.isabs(arg) or self.cwd is None else os.path.join(self.cwd, arg)
             try:
                 st = os.stat(path)
@@ -215,9 +214,7 @@ class CriuProcessBackend:
         try:
             if restore:  # the image's open log is this descriptor, whatever size the file has now
                 argv = argv + ["--inherit-fd", f"fd[{log_fd}]:{str(self.logfile.resolve()).lstrip('/')}"]
-            if isinstance(self.group, _CgroupFreezer):  # join the cgroup before anything is forked
-                self.group.path.mkdir(parents=True, exist_ok=True)
-                argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.group.path / "cgroup.procs"), *argv]
+            argv = self.group.launcher(argv)  # in the service's group before anything is forked
             self.proc = proc = subprocess.Popen(PDEATHSIG + argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                                                 stdout=log_fd, stderr=log_fd, pass_fds=(log_fd,),
                                                 start_new_session=True)
@@ -246,10 +243,14 @@ class CriuProcessBackend:
         raise CriuError(f"the service's process did not start within {wait:g}s" if code is None
                         else f"the service's process did not start (exit status {code})")
 
+    def _program(self) -> str:
+        """The command's executable, as PATH (the service's own, if its env sets one) finds it."""
+        return shutil.which(self.command[0], path=(self.env or os.environ).get("PATH")) or self.command[0]
+
     async def _cold_start(self) -> None:
-        program = shutil.which(self.command[0], path=(self.env or os.environ).get("PATH")) or self.command[0]
         # init of its own PID namespace, and a session leader inside it (CRIU dumps whole sessions)
-        self._spawn(["unshare", "--pid", "--fork", "--kill-child", "--", "setsid", program, *self.command[1:]])
+        self._spawn(["unshare", "--pid", "--fork", "--kill-child", "--", "setsid", self._program(),
+                     *self.command[1:]])
         self.pid = await self._service_pid(None)
         log.info("service %s: cold start, pid %d: %s", self.name, self.pid, " ".join(self.command))
 

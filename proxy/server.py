@@ -66,14 +66,14 @@ CLIENT_TRANSITIONS = {
     S_HELD: {"connect": S_CONNECTING, "attach": S_EXCHANGE, "respond": S_HEAD, "close": S_CLOSED},
     # opening an upstream connection, or queued for one at the service's limit
     S_CONNECTING: {"attach": S_EXCHANGE, "respond": S_HEAD, "close": S_CLOSED},
-    # the head went upstream: body and response stream
-    S_EXCHANGE: {"respond": S_HEAD, "retry": S_EXCHANGE, "upgrade": S_TUNNEL, "close": S_CLOSED},
+    # the head went upstream: body and response stream (connect/attach: the one retry of a safe
+    # request whose pooled connection turned out closed)
+    S_EXCHANGE: {"respond": S_HEAD, "connect": S_CONNECTING, "attach": S_EXCHANGE, "upgrade": S_TUNNEL,
+                 "close": S_CLOSED},
     # bytes both ways after a 101
     S_TUNNEL: {"close": S_CLOSED},
     S_CLOSED: {},
 }
-# the exchange's retry goes on from S_EXCHANGE through _go_upstream: connect or attach again
-CLIENT_TRANSITIONS[S_EXCHANGE].update({"connect": S_CONNECTING, "attach": S_EXCHANGE})
 
 # Reasons reading from the client is paused (bits)
 P_UPSTREAM_FULL, P_PIPELINE_FULL, P_PENDING_FULL, P_CLIENT_NOT_READING = 1, 2, 4, 8
@@ -889,7 +889,6 @@ class ClientConnection(asyncio.Protocol):
             # A pooled connection the service had already closed, before any of the response came:
             # a request that is safe to repeat tries once more on a fresh one (RFC 9110 section 9.2.2).
             self.retried = True
-            self._to("retry")
             self._go_upstream()
             return
         self._count_upstream_error("reset")

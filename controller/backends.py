@@ -395,6 +395,9 @@ class ProcessBackend:
     def snapshot_stats(self) -> None:
         return None  # frozen or stopped: no snapshot
 
+    def prepare_next_wake(self) -> None:
+        """Nothing to start ahead: a thaw or a start is all a wake does."""
+
     async def wake(self, deadline: float) -> None:
         await self._stop.wait()  # the last process must be gone: it holds the port
         started = time.monotonic()

@@ -45,6 +45,10 @@ MICROVM_MEMORY_DEFAULT_MB = 128  # the size DESIGN.md's restore times were measu
 MICROVM_MEMORY_MAX_MB = 64 * 1024
 MICROVM_CPUS_MAX = 8
 MICROVM_SNAPSHOT_DIR = ".cache/snapshots"  # beside the config, like every relative path in it
+# "ram-file": the guest RAM is a file and a snapshot is that file plus the device state, restored
+# copy-on-write without reading the RAM; "stream": the whole VM in one migration stream (the
+# format before; kept to compare with, and read and converted when found on disk).
+MICROVM_SNAPSHOT_FORMATS = ("ram-file", "stream")
 QEMU_BINARY = "qemu-system-x86_64"
 
 
@@ -121,6 +125,8 @@ class MicroVMConfig:
     qemu: str = QEMU_BINARY  # the binary, resolved on PATH
     cmdline: str = ""  # appended to the kernel command line
     warmup: tuple[str, ...] = ()  # paths requested after a cold boot, before the prepared snapshot
+    snapshot_format: str = "ram-file"  # one of MICROVM_SNAPSHOT_FORMATS
+    standby: bool = True  # while asleep, a QEMU waits with the snapshot mapped: a wake only loads devices
 
 
 @dataclass(frozen=True)
@@ -439,6 +445,9 @@ def _microvm(v: _Reader, path: str, upstream: Address, upstream_reader: _Reader)
     cmdline = v.string("cmdline", "")
     if not cmdline.isprintable():
         raise v.error("cmdline", "must be printable text on one line")
+    snapshot_format = v.string("snapshot_format", "ram-file")
+    if snapshot_format not in MICROVM_SNAPSHOT_FORMATS:
+        raise v.error("snapshot_format", f'expected "ram-file" or "stream", got {snapshot_format!r}')
     return MicroVMConfig(
         kernel=files["kernel"],
         initrd=files["initrd"],
@@ -450,6 +459,8 @@ def _microvm(v: _Reader, path: str, upstream: Address, upstream_reader: _Reader)
         qemu=found,
         cmdline=cmdline,
         warmup=warmup,
+        snapshot_format=snapshot_format,
+        standby=v.boolean("standby", True),
     )
 
 

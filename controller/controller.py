@@ -74,6 +74,9 @@ class Controller:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._ticker = loop.call_later(self.tick, self._expire)
+        for service in self.services.values():
+            if service.backend is not None:
+                service.backend.prepare_next_wake()  # every service starts asleep
 
     def _expire(self) -> None:
         now = time.monotonic()

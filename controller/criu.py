@@ -35,7 +35,8 @@ from proxy.metrics import Histogram
 
 from .backends import PDEATHSIG, SharedStop, choose_freezer, watch_exit
 from .readiness import ATTEMPT_FIRST, probe_until_ready, warm_up
-from .service import SnapshotStats
+from .service import SnapshotStats, record_start
+from .snapfiles import files_under, footprint
 
 log = logging.getLogger("wakegate.criu")
 
@@ -130,6 +131,7 @@ class CriuProcessBackend:
         self.last_ready_seconds: float | None = None
         self.last_wake_kind: str | None = None
         self.boots = {"cold": 0, "restore": 0}
+        self.phases: dict = {}  # (kind, phase) -> Histogram: SnapshotStats.phases
         self.saves = 0
         self.save_seconds = Histogram()
         self.last_dump_seconds: float | None = None
@@ -191,7 +193,11 @@ class CriuProcessBackend:
         return self._exited
 
     def snapshot_stats(self) -> SnapshotStats:
-        return SnapshotStats(self.boots, self.snapshot_bytes, self.saves, self.save_seconds)
+        _, resident = footprint(files_under(self.image))
+        return SnapshotStats(self.boots, self.snapshot_bytes, self.saves, self.save_seconds, resident, self.phases)
+
+    def prepare_next_wake(self) -> None:
+        """Nothing to start ahead: a restore is one CRIU run."""
 
     def describe(self) -> dict:
         return {
@@ -202,6 +208,7 @@ class CriuProcessBackend:
                 "last_wake_kind": self.last_wake_kind,
                 "image": str(self.image) if self.snapshot_bytes else None,
                 "image_bytes": self.snapshot_bytes,
+                "image_resident_bytes": footprint(files_under(self.image)).resident_bytes,
                 "last_dump_ms": None if self.last_dump_seconds is None else round(self.last_dump_seconds * 1e3, 3),
             },
         }
@@ -348,6 +355,7 @@ class CriuProcessBackend:
         self.last_ready_seconds = time.monotonic() - resumed
         self.last_wake_kind = kind
         self.boots[kind] += 1
+        record_start(self.phases, kind, self.last_resume_seconds, self.last_ready_seconds)
 
     async def sleep(self) -> None:
         if not self.running:

@@ -38,6 +38,11 @@ _FAMILIES = [
     ("wakegate_backend_starts", "counter", "Starts of a backend that sleeps as a snapshot (microVM, CRIU "
      "process), by kind: cold, restore (from the snapshot), cont (a paused VM resumed).", ["service", "kind"]),
     ("wakegate_snapshot_bytes", "gauge", "Size of the service's snapshot on disk (0: none).", ["service"]),
+    ("wakegate_snapshot_resident_bytes", "gauge", "Of the snapshot's bytes, those in memory (page cache or "
+     "tmpfs): a restore maps or reads them without touching a disk.", ["service"]),
+    ("wakegate_backend_start_seconds", "histogram", "A snapshot backend's wakes by kind (cold, restore, cont) "
+     "and phase: resume (decision to the service running again) and ready (then to its first answer).",
+     ["service", "kind", "phase"]),
     ("wakegate_snapshot_save_seconds", "histogram", "Writing a snapshot (microVM or CRIU process), start to complete.",
      ["service"]),
     ("wakegate_client_errors", "counter", "Requests refused before routing (bad_request, head_too_large, ...).",
@@ -66,7 +71,8 @@ class WakegateCollector:
 
     def collect(self):
         (requests, duration, queue, upstream, connect, in_flight, queued, wakes, wake_duration, wake_resume,
-         wake_ready, sleeps, state, upstream_errors, boots, snapshot_bytes, save_seconds, client_errors,
+         wake_ready, sleeps, state, upstream_errors, boots, snapshot_bytes, resident_bytes, start_seconds,
+         save_seconds, client_errors,
          dropped, accept_errors) = families = [
             _KINDS[kind](name, doc, labels=labels) for name, kind, doc, labels in _FAMILIES
         ]
@@ -106,6 +112,9 @@ class WakegateCollector:
                     for kind, n in snap.starts.items():
                         boots.add_metric([name, kind], n)
                     snapshot_bytes.add_metric([name], snap.snapshot_bytes)
+                    resident_bytes.add_metric([name], snap.resident_bytes)
+                    for (kind, phase), hist in sorted((snap.phases or {}).items()):
+                        _histogram(start_seconds, [name, kind, phase], hist)
                     if snap.saves:
                         _histogram(save_seconds, [name], snap.save_seconds)
         for reason, n in self.proxy_stats.client_errors.items():
@@ -164,7 +173,8 @@ class FastExposition:
 
     def _version(self, name, service, stats):
         snap = service.backend.snapshot_stats() if service.backend is not None else None
-        snapshot = (snap.saves, snap.snapshot_bytes, sum(snap.starts.values())) if snap is not None else ()
+        snapshot = (snap.saves, snap.snapshot_bytes, snap.resident_bytes, sum(snap.starts.values())) \
+            if snap is not None else ()
         if stats is None:
             return (service.state, service.in_flight, service.queued, service.wakes, service.failures, service.sleeps,
                     snapshot)
@@ -204,8 +214,11 @@ class FastExposition:
                 for kind, n in snap.starts.items():
                     per[14].append(f'wakegate_backend_starts_total{{{label},kind="{kind}"}} {_num(n)}\n')
                 per[15].append(f"wakegate_snapshot_bytes{{{label}}} {_num(snap.snapshot_bytes)}\n")
+                per[16].append(f"wakegate_snapshot_resident_bytes{{{label}}} {_num(snap.resident_bytes)}\n")
+                for (kind, phase), hist in sorted((snap.phases or {}).items()):
+                    _hist_lines(per[17], "wakegate_backend_start_seconds", f'{label},kind="{kind}",phase="{phase}"', hist)
                 if snap.saves:
-                    _hist_lines(per[16], "wakegate_snapshot_save_seconds", label, snap.save_seconds)
+                    _hist_lines(per[18], "wakegate_snapshot_save_seconds", label, snap.save_seconds)
         current = service.state
         for st in State:
             per[12].append(f'wakegate_service_state{{{label},state="{st.value}"}} {"1.0" if st is current else "0.0"}\n')

@@ -27,6 +27,9 @@ FAILED_BACKOFF_MIN = 1.0  # first backoff after a failed wake, seconds; doubles 
 FAILED_BACKOFF_MAX = 30.0  # ceiling of that backoff; Kubernetes' CrashLoopBackOff starts at 10 s, caps at 5 min
 STABLE_SECONDS = 60.0  # a backend that ran this long before exiting did not crash-loop; Kubernetes resets its
                        # backoff after 10 min of running, shorter here since idle services sleep in minutes
+# On shutdown an awake service is put to sleep in its mode first (a stateful snapshot keeps its state
+# across restarts), within this; then it is stopped whatever happened. systemd's stop timeout is 90 s.
+CLOSE_SLEEP_TIMEOUT = 20.0
 SLEEP_DRAIN_TIMEOUT = 30.0  # a sleep waits this long for in-flight requests; Kubernetes' termination grace is 30 s
 SLEEP_DRAIN_POLL = 0.002  # how often that wait looks
 
@@ -62,6 +65,17 @@ class SnapshotStats(NamedTuple):
     snapshot_bytes: int  # the snapshot on disk now (0: none)
     saves: int
     save_seconds: Histogram  # writing one
+    resident_bytes: int = 0  # of snapshot_bytes, held in memory (page cache or tmpfs)
+    phases: dict | None = None  # (kind, "resume" or "ready") -> Histogram of that part of a wake
+
+
+def record_start(phases: dict, kind: str, resume_seconds: float, ready_seconds: float) -> None:
+    """Add one wake of this kind (cold, restore, cont) to a backend's per-kind phase histograms."""
+    for phase, seconds in (("resume", resume_seconds), ("ready", ready_seconds)):
+        hist = phases.get((kind, phase))
+        if hist is None:
+            hist = phases[(kind, phase)] = Histogram()
+        hist.observe(seconds)
 
 
 class Backend(Protocol):
@@ -89,6 +103,10 @@ class Backend(Protocol):
 
     def snapshot_stats(self) -> SnapshotStats | None:
         """Starts by kind and the snapshot's size and saves; None for a backend without snapshots."""
+
+    def prepare_next_wake(self) -> None:
+        """While asleep, start in the background what makes the next wake faster (a standby VMM);
+        returns at once. Most backends have nothing to do."""
 
 
 # Lease states
@@ -438,6 +456,7 @@ class Service:
         except Exception as exc:
             log.warning("service %s: sleep failed (%s); stopping it", self.name, exc)
             await self._stop_backend()
+        self.backend.prepare_next_wake()
         if reason == "exited" or mode == "stop" or not self.backend.keeps_connections:
             for pool in self.pools:
                 pool.close_idle()
@@ -498,5 +517,11 @@ class Service:
             except (asyncio.CancelledError, Exception):
                 pass
         self._fail_queue(Refused(503, "wakegate is shutting down", 1.0))
-        if self.backend is not None:
-            await self.backend.stop()
+        if self.backend is None:
+            return
+        if self.state is READY and not self.backend.exited().done():
+            try:
+                await asyncio.wait_for(self.backend.sleep(), CLOSE_SLEEP_TIMEOUT)
+            except Exception as exc:  # the stop below ends it anyway
+                log.warning("service %s: sleep at shutdown failed: %s", self.name, exc or type(exc).__name__)
+        await self.backend.stop()

@@ -145,6 +145,9 @@ BAD = [
          "services.x.microvm.snapshot_dir", "can write"),
         ('[services.x.microvm]\nkernel = "/bin/sh"\nwarmup = ["x"]\n', "services.x.microvm.warmup", "path"),
         ('[services.x.microvm]\nkernel = "/bin/sh"\ndisk = "a.img"\n', "services.x.microvm.disk", "unknown key"),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\nsnapshot_format = "qcow2"\n',
+         "services.x.microvm.snapshot_format", '"ram-file" or "stream"'),
+        ('[services.x.microvm]\nkernel = "/bin/sh"\nstandby = "yes"\n', "services.x.microvm.standby", "true or false"),
     ]
 ] + [
     ('[services.x]\nhosts = ["x.example"]\nupstream = "[::1]:9010"\n[services.x.microvm]\nkernel = "/bin/sh"\n',
@@ -191,6 +194,7 @@ def test_microvm_service(tmp_path, monkeypatch):
     assert vm.microvm.memory_mb == 96 and vm.microvm.accel == "tcg" and vm.microvm.warmup == ("/", "/api")
     assert vm.microvm.snapshot_dir == str(tmp_path / ".cache" / "snapshots")  # beside the config
     assert vm.microvm.qemu.endswith("qemu-system-x86_64") and vm.microvm.guest_port == 80
+    assert vm.microvm.snapshot_format == "ram-file" and vm.microvm.standby is True
     monkeypatch.setattr("controller.guest.kvm_usable", lambda: True)
     assert load(write(tmp_path, text)).services["vm"].microvm.accel == "kvm"
     monkeypatch.setattr("controller.guest.kvm_usable", lambda: False)

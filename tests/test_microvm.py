@@ -5,6 +5,7 @@ Times are generous: these hosts emulate the guest CPU (a cold boot takes about 4
 about 0.3 s).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -103,6 +104,21 @@ def count(w) -> int:
     return int(r.body)
 
 
+def md5(path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def wait_standby(w, name="vm", timeout=30) -> int:
+    """The pid of the standby QEMU once it waits (it starts in the background after a sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = service(w, name)["microvm"]["standby_pid"]
+        if pid:
+            return pid
+        time.sleep(0.02)
+    raise AssertionError(f"no standby QEMU for {name}: {service(w, name)}\n{w.output()[-3000:]}")
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -180,27 +196,42 @@ def test_prepared_snapshot_through_the_proxy(built_guest, tmp_path, start_wakega
     assert snapshot.exists() and first["pid"] and alive(first["pid"])
     assert count(w) == 1 and count(w) == 2
 
+    folder = tmp_path / "snapshots"
+    record = orjson.loads((folder / "vm.json").read_bytes())
+    assert record["layout"] == "ram-file" and record["device_state_bytes"] < 1 << 20  # RAM not in the stream
+    ram = md5(folder / "vm.ram")
+
     asleep = wait_state(w, "asleep", timeout=30)
-    assert asleep["pid"] is None and not alive(first["pid"]) and not qemu_pids("vm")
+    assert asleep["pid"] is None and not alive(first["pid"])
+    standby = wait_standby(w)
+    assert qemu_pids("vm") == [standby]  # a QEMU waits with the snapshot mapped, and only that one
     assert snapshot.exists()
 
     assert count(w) == 1  # restored from the prepared snapshot: the counter was never in it
     restored = service(w)
+    assert restored["pid"] == standby and restored["microvm"]["standby_restores"] == 1
     assert restored["microvm"]["boots"] == {"cold": 1, "restore": 1, "cont": 0}
     assert restored["microvm"]["last_wake_kind"] == "restore"
+    assert restored["microvm"]["snapshot_resident_bytes"] > 0
+    admin(w, "/services/vm/sleep", "POST")
+    wait_state(w, "asleep")
+    assert count(w) == 1 and md5(folder / "vm.ram") == ram  # copy-on-write: the snapshot never changes
     serial = (tmp_path / "snapshots" / "vm.serial.log").read_text()
     assert "wakegate guest ready" not in serial  # the console of a restore: no second boot
 
     text = metrics(w)
-    assert 'wakegate_wakes_total{service="vm",mode="snapshot",result="ok"} 2.0' in text
+    assert 'wakegate_wakes_total{service="vm",mode="snapshot",result="ok"} 3.0' in text
     assert 'wakegate_sleeps_total{service="vm",mode="snapshot",reason="idle"} 1.0' in text
-    assert 'wakegate_backend_starts_total{service="vm",kind="restore"} 1.0' in text
+    assert 'wakegate_backend_starts_total{service="vm",kind="restore"} 2.0' in text
     assert re.search(r'wakegate_snapshot_bytes\{service="vm"\} [1-9]', text)
-    assert re.search(r'wakegate_wake_duration_seconds_count\{service="vm",mode="snapshot"\} 2.0', text)
+    assert re.search(r'wakegate_snapshot_resident_bytes\{service="vm"\} [1-9]', text)
+    assert 'wakegate_backend_start_seconds_count{service="vm",kind="restore",phase="resume"} 2.0' in text
+    assert 'wakegate_backend_start_seconds_count{service="vm",kind="cold",phase="ready"} 1.0' in text
+    assert re.search(r'wakegate_wake_duration_seconds_count\{service="vm",mode="snapshot"\} 3.0', text)
     w.stop()
     lines = [orjson.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
     woke = [x for x in lines if x["woke"]]
-    assert len(woke) == 2 and all(x["ms"]["queue"] > 0 and x["status"] == 200 for x in woke)
+    assert len(woke) == 3 and all(x["ms"]["queue"] > 0 and x["status"] == 200 for x in woke)
     assert woke[1]["path"] == "/cgi-bin/count"
 
 
@@ -225,6 +256,49 @@ def test_stateful_snapshot_keeps_guest_memory(built_guest, tmp_path, start_wakeg
     assert not alive(pid) and asleep["microvm"]["last_save_ms"] is not None
     assert count(w) == 3  # the state at sleep came back
     assert service(w)["microvm"]["boots"]["restore"] == 2
+
+
+def test_stream_snapshot_is_converted_keeping_its_state(built_guest, tmp_path, start_wakegate):  # noqa: F811
+    """A snapshot in the stream format (the only one before ram-file) keeps working: with
+    snapshot_format = "stream" every sleep writes the whole VM; a wakegate with the default format
+    then restores that state, converting it once to a RAM file plus device state."""
+    port = free_port()
+    w = start_wakegate(vm_config(built_guest, tmp_path, port, policy="stateful",
+                                 extra_vm='snapshot_format = "stream"\n'))
+    assert count(w) == 1 and count(w) == 2
+    admin(w, "/services/vm/sleep", "POST")
+    asleep = wait_state(w, "asleep")
+    folder = tmp_path / "snapshots"
+    record = orjson.loads((folder / "vm.json").read_bytes())
+    assert record["layout"] == "stream" and record["device_state_bytes"] > 10 << 20  # the RAM is in it
+    assert not (folder / "vm.ram").exists() and asleep["microvm"]["layout"] == "stream"
+    assert count(w) == 3  # the stream path still restores
+    w.stop()  # shutdown puts the awake VM to sleep: its state is saved
+    record = orjson.loads((folder / "vm.json").read_bytes())
+    assert record.pop("layout") == "stream"
+    (folder / "vm.json").write_bytes(orjson.dumps(record))  # as a wakegate before ram-file wrote it
+    w = start_wakegate(vm_config(built_guest, tmp_path, port, policy="stateful"))
+    assert count(w) == 4
+    assert "converted the stream snapshot" in w.output()
+    admin(w, "/services/vm/sleep", "POST")
+    wait_state(w, "asleep")
+    record = orjson.loads((folder / "vm.json").read_bytes())
+    assert record["layout"] == "ram-file" and record["device_state_bytes"] < 1 << 20
+    assert count(w) == 5  # the converted snapshot keeps the state across sleeps
+    assert service(w)["microvm"]["boots"]["cold"] == 0
+
+
+def test_without_standby_no_qemu_runs_while_asleep(built_guest, tmp_path, start_wakegate):  # noqa: F811
+    port = free_port()
+    w = start_wakegate(vm_config(built_guest, tmp_path, port, policy="prepared", extra_vm="standby = false\n"))
+    assert get(w).body == HELLO
+    admin(w, "/services/vm/sleep", "POST")
+    asleep = wait_state(w, "asleep")
+    time.sleep(0.5)
+    assert not qemu_pids("vm") and asleep["microvm"]["standby_pid"] is None
+    assert get(w).body == HELLO
+    s = service(w)
+    assert s["microvm"]["last_wake_kind"] == "restore" and s["microvm"]["standby_restores"] == 0
 
 
 def test_pause_mode_keeps_the_vmm(built_guest, tmp_path, start_wakegate):  # noqa: F811

@@ -80,6 +80,12 @@ class FakeBackend:
     def describe(self):
         return {"pid": None}
 
+    def snapshot_stats(self):
+        return None
+
+    def prepare_next_wake(self):
+        self.log.append(("prepare_next_wake", "start", time.monotonic()))
+
     def calls(self, name):
         return [(phase, t) for n, phase, t in self.log if n == name]
 
@@ -167,6 +173,48 @@ def test_wake(loop_kind, name, script, expected, after, stopped):
         if expected == "granted":
             lease.release()
         await service.close()
+
+    run(loop_kind, scenario)
+
+
+SHUTDOWNS = [
+    # name, sleep script, backend calls in order
+    ("sleeps first", [("ok", 0.01)], ["wake", "sleep", "stop"]),
+    ("stops when the sleep fails", [("raise", RuntimeError("boom"))], ["wake", "sleep", "stop"]),
+]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("name,script,calls", SHUTDOWNS, ids=[s[0] for s in SHUTDOWNS])
+def test_shutdown_puts_an_awake_service_to_sleep_then_stops_it(loop_kind, name, script, calls):
+    """A stateful snapshot must survive a restart of wakegate: close() sleeps a READY service in its
+    own mode before stopping it, and starts nothing for a next wake."""
+    async def scenario():
+        backend = FakeBackend(sleep=script)
+        service = make_service(backend)
+        lease = service.acquire()
+        assert await outcome(lease) == "granted"
+        lease.release()
+        await service.close()
+        assert [n for n, phase, _ in backend.log if phase == "start"] == calls
+
+    run(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_every_sleep_is_followed_by_getting_ready_for_the_next_wake(loop_kind):
+    async def scenario():
+        backend = FakeBackend()
+        service = make_service(backend, idle_timeout=0.05)
+        for _ in range(2):
+            lease = service.acquire()
+            assert await outcome(lease) == "granted"
+            lease.release()
+            while service.state is not ASLEEP:
+                await asyncio.sleep(0.01)
+        await service.close()
+        order = [n for n, phase, _ in backend.log if phase == "start"]
+        assert order == ["wake", "sleep", "prepare_next_wake", "wake", "sleep", "prepare_next_wake", "stop"]
 
     run(loop_kind, scenario)
 

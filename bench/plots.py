@@ -35,7 +35,12 @@ def steady_latency(section: dict, path: Path) -> Path:
 def wake_breakdown(section: dict, path: Path) -> Path:
     """Where the first request's extra time goes, per sleep mode (medians, ms)."""
     modes = section["modes"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 4), squeeze=False)
+    columns = min(3, len(modes))
+    rows = (len(modes) + columns - 1) // columns
+    fig, grid = plt.subplots(rows, columns, figsize=(4.5 * columns, 4 * rows), squeeze=False)
+    axes = [[ax for row in grid for ax in row]]
+    for ax in axes[0][len(modes):]:
+        ax.axis("off")
     parts = [("backend_resume", "backend resume / start"), ("readiness_wait", "readiness wait"),
              ("wakegate_overhead", "wakegate")]
     for ax, m in zip(axes[0], modes):

@@ -57,6 +57,24 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants now (from /proc/PID/task/TID/children), parents first."""
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop(0)
+        tree.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                queue += [int(c) for c in Path(f"/proc/{current}/task/{tid}/children").read_text().split()]
+            except (OSError, ValueError):
+                pass
+    return tree
+
+
 def _cgroup_roots(cgroup_root: Path = CGROUP_ROOT) -> list[Path]:
     """Where wakegate's cgroups can be: the v2 root, the v1 freezer, the v2 half of a hybrid host."""
     return [cgroup_root, cgroup_root / "freezer", cgroup_root / "unified"]
@@ -153,6 +171,10 @@ class Freezer:
         to do for a process group: the new session is it)."""
         return argv
 
+    def enroll(self, pids: list[int]) -> None:
+        """Add processes that already run (a tree restored outside the group) to it; gone ones are
+        skipped. Blocking (a cgroup move can wait for an RCU grace period): call it off the loop."""
+
     def kill_rest(self, pgid: int) -> None:
         """SIGKILL whatever of the tree is left after its leader exited."""
         try:
@@ -176,6 +198,14 @@ class _CgroupFreezer(Freezer):
         """Join the cgroup in a shell that then becomes argv: nothing argv forks escapes it."""
         self.path.mkdir(parents=True, exist_ok=True)
         return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *argv]
+
+    def enroll(self, pids: list[int]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        for pid in pids:
+            try:
+                (self.path / "cgroup.procs").write_text(str(pid))
+            except OSError:  # it exited meanwhile
+                pass
 
     def kill_rest(self, pgid: int) -> None:
         super().kill_rest(pgid)

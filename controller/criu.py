@@ -33,7 +33,7 @@ import orjson
 
 from proxy.metrics import Histogram
 
-from .backends import PDEATHSIG, SharedStop, choose_freezer, watch_exit
+from .backends import PDEATHSIG, SharedStop, choose_freezer, process_tree, watch_exit
 from .readiness import ATTEMPT_FIRST, probe_until_ready, warm_up
 from .service import SnapshotStats, record_start
 from .snapfiles import files_under, footprint
@@ -47,6 +47,9 @@ CRIU_TIMEOUT = 60.0  # a dump or a restore that takes longer is killed (a hung w
 SERVICE_PID_WAIT = 2.0  # the service's pid must show up this soon after unshare starts (a restore: CRIU_TIMEOUT)
 RESTORE_BASE_SECONDS = 2.0  # a restore's budget: this, plus the image read at RESTORE_BYTES_PER_SECOND
 RESTORE_BYTES_PER_SECOND = 100e6  # a slow disk; restores here read 13 MB in well under 20 ms
+# A restored tree joins its cgroup this long after it answered, in a worker thread: the move would
+# otherwise stall the first requests' thread starts (a cgroup move waits for an RCU grace period).
+ENROLL_DELAY = 0.5
 IMAGE_FORMAT = 1
 
 
@@ -125,6 +128,8 @@ class CriuProcessBackend:
         self.group = choose_freezer(name, instance=instance)
         self.proc: subprocess.Popen | None = None  # our child: unshare (cold) or criu restore
         self.pid: int | None = None  # the service itself (init of its PID namespace), host pid
+        self._enroll_timer: asyncio.TimerHandle | None = None
+        self._enrolling: asyncio.Future | None = None  # a restored tree moving into the group
         self._exited: asyncio.Future | None = None
         self._stop = SharedStop()
         self.last_resume_seconds: float | None = None
@@ -221,7 +226,11 @@ class CriuProcessBackend:
         try:
             if restore:  # the image's open log is this descriptor, whatever size the file has now
                 argv = argv + ["--inherit-fd", f"fd[{log_fd}]:{str(self.logfile.resolve()).lstrip('/')}"]
-            argv = self.group.launcher(argv)  # in the service's group before anything is forked
+            if not restore:
+                argv = self.group.launcher(argv)  # in the service's group before anything is forked
+            # A restore starts outside the group: CRIU run by a process that has just joined a cgroup
+            # restores ~13 ms slower here (bench wake: 29 ms against 16 ms by hand). The restored tree
+            # joins it once it answers (_enroll_later); until then killing CRIU's children ends it.
             self.proc = proc = subprocess.Popen(PDEATHSIG + argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                                                 stdout=log_fd, stderr=log_fd, pass_fds=(log_fd,),
                                                 start_new_session=True)
@@ -346,6 +355,8 @@ class CriuProcessBackend:
             if kind == "restore":  # it came back, but does not answer: never trust that image again
                 self.discard_image("the restored service did not answer")
             raise
+        if kind == "restore":
+            self._enroll_later()
         if kind == "cold" and self.policy == "prepared":
             await warm_up(self.name, self.host, self.port, self.warmup)
             try:
@@ -387,8 +398,10 @@ class CriuProcessBackend:
         async def kill() -> None:
             # The service is the init of its PID namespace: SIGTERM without a handler never reaches
             # it, so it gets SIGKILL, and everything in its namespace dies with it; its cgroup (or
-            # process group) is emptied too, which catches a restore stuck half-way.
-            for pid in (self.pid, proc.pid):
+            # process group) is emptied too, and CRIU's children are killed, which catches a restore
+            # stuck half-way or one not yet in the group.
+            await self._settle_enroll()
+            for pid in [self.pid, *process_tree(proc.pid)[1:], proc.pid]:
                 try:
                     if pid:
                         os.kill(pid, signal.SIGKILL)
@@ -399,6 +412,26 @@ class CriuProcessBackend:
             self.group.remove()
 
         return kill()
+
+    def _enroll_later(self) -> None:
+        """Put the restored tree (and CRIU, its parent) into the service's group, off the loop and
+        after the first answers: a cgroup move stalls the tree's forks while it waits."""
+        proc, pid = self.proc, self.pid
+
+        def enroll() -> None:
+            if self.proc is proc and proc.poll() is None:
+                self._enrolling = asyncio.get_running_loop().run_in_executor(
+                    None, self.group.enroll, [proc.pid, *process_tree(pid)])
+
+        self._enroll_timer = asyncio.get_running_loop().call_later(ENROLL_DELAY, enroll)
+
+    async def _settle_enroll(self) -> None:
+        if self._enroll_timer is not None:
+            self._enroll_timer.cancel()
+            self._enroll_timer = None
+        if self._enrolling is not None:
+            enrolling, self._enrolling = self._enrolling, None
+            await asyncio.shield(enrolling)
 
     async def stop(self) -> None:
         proc = self.proc

@@ -169,6 +169,12 @@ def test_restored_service_dies_with_wakegate(start_wakegate, tmp_path):
     fetch(w.port, "die.test")  # restored
     pid = state(w, "die")["pid"]
     assert pid and alive(pid)
+    # Restored outside the service's cgroup (faster), it joins it once it has answered.
+    group = f"/wakegate/127.0.0.1-{w.port}/die"
+    deadline = time.monotonic() + 5
+    while group not in Path(f"/proc/{pid}/cgroup").read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert group in Path(f"/proc/{pid}/cgroup").read_text()
     w.proc.kill()
     w.proc.wait()
     deadline = time.monotonic() + 5

@@ -69,7 +69,11 @@ def test_fast_exposition_matches_prometheus_client():
     config = from_dict({"proxy": {"listen": "127.0.0.1:1"}, "services": services})
     router, routes = build_router(config)
     controller = Controller(config, {n: r.pool for n, r in routes.items()})
-    stats = ProxyServer(config.proxy, router, asyncio.new_event_loop()).stats
+    loop = asyncio.new_event_loop()  # the server is only built, never run: its loop is closed here
+    try:
+        stats = ProxyServer(config.proxy, router, loop).stats
+    finally:
+        loop.close()
     fast = FastExposition(controller, routes, stats)
     reference = make_registry(WakegateCollector(controller, routes, stats))
     assert _parsed(fast.render().decode()) == _parsed(render(reference).decode())

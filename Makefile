@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean \
+.PHONY: docker run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean \
 	fuzz-deps fuzz-build fuzz-quick fuzz criu
 
 # Debian packages the build needs: venv, a compiler and the Python headers.
@@ -67,9 +67,14 @@ test-deps:
 criu:
 	@deploy/criu.sh >/dev/null
 
+# Debian's Docker Engine for the Docker backend's tests, installed without starting a daemon: the
+# tests run their own dockerd on a private socket (deploy/docker.sh says why).
+docker:
+	@deploy/docker.sh >/dev/null
+
 # The whole suite against the C extension, then against the pure-Python twin, after a bounded
 # fuzz run of the C entry points under AddressSanitizer.
-test: setup test-deps criu guest fuzz-quick test-c test-python
+test: setup test-deps criu docker guest fuzz-quick test-c test-python
 
 # Fuzzing (tests/fuzz/http11_fuzz.py): the extension built with clang's ASan and libFuzzer
 # instrumentation into build/fuzz, driven by atheris with its ASan runtime preloaded. Every input is

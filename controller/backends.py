@@ -373,8 +373,17 @@ def watch_exit(proc: subprocess.Popen, exited: asyncio.Future, loop, on_exit=Non
     loop.add_reader(pidfd, readable)
 
 
+def from_config(svc, instance: str = "default") -> "ProcessBackend":
+    """controller.BACKENDS: a service with a command that pauses or stops."""
+    return ProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, mode=svc.sleep,
+                          host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
+                          ready_timeout=svc.wake_timeout, instance=instance)
+
+
 class ProcessBackend:
     """A command that serves HTTP on ``address``; sleeps by pausing or stopping it."""
+
+    started_elsewhere = None  # Service sets it; this backend never calls it
 
     keeps_connections = True  # overwritten per mode below
 
@@ -424,6 +433,9 @@ class ProcessBackend:
 
     def snapshot_stats(self) -> None:
         return None  # frozen or stopped: no snapshot
+
+    async def close(self) -> None:
+        """Nothing outlives the service."""
 
     def prepare_next_wake(self) -> None:
         """Nothing to start ahead: a thaw or a start is all a wake does."""

@@ -49,6 +49,10 @@ MICROVM_SNAPSHOT_DIR = ".cache/snapshots"  # beside the config, like every relat
 # copy-on-write without reading the RAM; "stream": the whole VM in one migration stream (the
 # format before; kept to compare with, and read and converted when found on disk).
 MICROVM_SNAPSHOT_FORMATS = ("ram-file", "stream")
+DOCKER_SLEEP_MODES = ("pause", "stop")  # the Engine's pause/unpause (memory kept) and stop/start
+DOCKER_SOCKET = "/var/run/docker.sock"  # the Engine's default
+DOCKER_STOP_TIMEOUT = 10.0  # docker stop's own default: SIGTERM, then SIGKILL after this
+DOCKER_API_TIMEOUT = 10.0  # any other Engine call; it answers in ~10 ms here
 QEMU_BINARY = "qemu-system-x86_64"
 
 
@@ -130,6 +134,22 @@ class MicroVMConfig:
 
 
 @dataclass(frozen=True)
+class DockerConfig:
+    """A Docker container, or every container a label selector matches (a Compose service)."""
+
+    socket: str = DOCKER_SOCKET
+    container: str = ""  # a name or an id; or:
+    labels: tuple[tuple[str, str], ...] = ()  # every container with all these labels
+    stop_timeout: float = DOCKER_STOP_TIMEOUT
+    api_timeout: float = DOCKER_API_TIMEOUT
+
+    def describe(self) -> str:
+        if self.container:
+            return f"container {self.container!r}"
+        return "containers labelled " + ", ".join(f"{k}={v}" for k, v in self.labels)
+
+
+@dataclass(frozen=True)
 class CriuConfig:
     """A command service that sleeps as a CRIU image (absolute paths)."""
 
@@ -156,11 +176,12 @@ class ServiceConfig:
     microvm: MicroVMConfig | None = None  # set: the service runs in a microVM, not as a command
     snapshot_policy: str = "stateful"
     criu: CriuConfig | None = None  # set: a command service with sleep = "snapshot"
+    docker: DockerConfig | None = None  # set: the service is a Docker container (or several)
 
     @property
     def wakeable(self) -> bool:
-        """Has something to wake (a command or a microVM); otherwise always up."""
-        return bool(self.command) or self.microvm is not None
+        """Has something to wake (a command, a microVM or a container); otherwise always up."""
+        return bool(self.command) or self.microvm is not None or self.docker is not None
 
 
 @dataclass(frozen=True)
@@ -478,17 +499,51 @@ def _criu(c: _Reader, path: str) -> CriuConfig:
     return CriuConfig(binary=binary, snapshot_dir=str(snapshot_dir), warmup=warmup)
 
 
+def _docker(d: _Reader) -> DockerConfig:
+    socket = d.string("socket", DOCKER_SOCKET)
+    if not socket.startswith("/"):
+        raise d.error("socket", f"expected the absolute path of the Engine's Unix socket, got {socket!r}")
+    container = d.string("container", "")
+    labels = d.get("labels")
+    if labels is not None:
+        if not isinstance(labels, dict) or not labels or not all(isinstance(v, str) for v in labels.values()):
+            raise d.error("labels", "expected a table of label = \"value\" strings, like "
+                          "{ \"com.docker.compose.service\" = \"web\" }")
+    if bool(container) == bool(labels):
+        raise d.error("container" if container else "labels",
+                      "name exactly one of container (a name or id) or labels (a selector)")
+    if container and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", container):
+        raise d.error("container", f"not a container name or id: {container!r}")
+    return DockerConfig(
+        socket=socket,
+        container=container,
+        labels=tuple(sorted(labels.items())) if labels else (),
+        stop_timeout=d.duration("stop_timeout", DOCKER_STOP_TIMEOUT, allow_zero=True),
+        api_timeout=d.duration("api_timeout", DOCKER_API_TIMEOUT),
+    )
+
+
 _WAKE_KEYS = ("cwd", "env", "sleep", "snapshot_policy", "idle_timeout", "wake_timeout", "max_queue", "ready_path",
               "no_wake")
+
+
+def _refuse(r: _Reader, keys, why: str) -> None:
+    """The first of keys that the table has is an error: why."""
+    for key in keys:
+        if r.has(key):
+            r.get(key)
+            raise r.error(key, why)
 
 
 def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
     """The keys that make a service sleep and wake: a command or a microVM, and when and how."""
     out: dict = {}
     command = r.get("command")
-    if command is not None and r.has("microvm"):
-        r.get("microvm")
-        raise r.error("microvm", "a service has either a command or a microvm table, not both")
+    kinds = [k for k in ("command", "microvm", "docker") if r.has(k)]
+    if len(kinds) > 1:
+        r.get(kinds[1])
+        raise r.error(kinds[1], f"a service has one of a command, a microvm table or a docker table; this one "
+                      f"also has {kinds[0]!r}")
     if command is not None:
         out.update(_command(r, path, command))
         modes = SLEEP_MODES
@@ -497,16 +552,16 @@ def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
         out["microvm"] = _microvm(vm, path, upstream, r)
         vm.finish()
         modes = MICROVM_SLEEP_MODES
-        for key in ("cwd", "env"):
-            if r.has(key):
-                r.get(key)
-                raise r.error(key, "only applies to a service with a command, not to a microVM")
+        _refuse(r, ("cwd", "env"), "only applies to a service with a command, not to a microVM")
+    elif r.has("docker"):
+        d = r.sub("docker")
+        out["docker"] = _docker(d)
+        d.finish()
+        modes = DOCKER_SLEEP_MODES
+        _refuse(r, ("cwd", "env"), "only applies to a service with a command; a container has its own")
     else:
-        for key in _WAKE_KEYS:
-            if r.has(key):
-                r.get(key)
-                raise r.error(key, "only applies to a service with a command or a microvm table (one wakegate "
-                              "can wake)")
+        _refuse(r, _WAKE_KEYS, "only applies to a service with a command, a microvm or a docker table (one "
+                "wakegate can wake)")
         return out
     sleep = r.string("sleep", modes[0] if command is None else "stop")
     if sleep not in modes:

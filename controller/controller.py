@@ -7,36 +7,34 @@ the admin API reads ``snapshot()`` and sends wake and sleep commands.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 
-from .backends import ProcessBackend, instance_name, reap_leftovers
-from .service import READY, Service
+from .backends import instance_name, reap_leftovers
+from .service import READY, Backend, Service
 
 log = logging.getLogger("wakegate.controller")
 
 EXPIRE_TICK_MAX = 0.1  # how often held requests are checked against wake_timeout, at most
 
 
-def make_backend(svc, instance: str = "default"):
-    """The backend a service config asks for: a process, a microVM, or None (always up)."""
-    if svc.microvm is not None:
-        from .microvm import MicroVMBackend
+# Which backend runs a service: the first row whose config table the service has. A new backend is
+# one module with a ``from_config(svc, instance) -> Backend`` and one row here. Modules load lazily,
+# so a host without QEMU or CRIU never imports what it cannot run.
+BACKENDS: tuple[tuple[str, str], ...] = (
+    ("microvm", "controller.microvm"),  # [services.NAME.microvm]
+    ("criu", "controller.criu"),  # a command with sleep = "snapshot"
+    ("docker", "controller.docker"),  # [services.NAME.docker]
+    ("command", "controller.backends"),  # a plain command: pause or stop
+)
 
-        return MicroVMBackend(svc.name, svc.microvm, mode=svc.sleep, policy=svc.snapshot_policy,
-                              host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
-                              ready_timeout=svc.wake_timeout)
-    if svc.criu is not None:
-        from .criu import CriuProcessBackend
 
-        return CriuProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, policy=svc.snapshot_policy,
-                                  host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
-                                  ready_timeout=svc.wake_timeout, snapshot_dir=svc.criu.snapshot_dir,
-                                  warmup=svc.criu.warmup, criu=svc.criu.binary, instance=instance)
-    if svc.command:
-        return ProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, mode=svc.sleep,
-                              host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
-                              ready_timeout=svc.wake_timeout, instance=instance)
+def make_backend(svc, instance: str = "default") -> Backend | None:
+    """The backend a service config asks for, or None (always up: a plain proxied upstream)."""
+    for key, module in BACKENDS:
+        if getattr(svc, key):
+            return importlib.import_module(module).from_config(svc, instance)
     return None
 
 

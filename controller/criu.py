@@ -53,6 +53,14 @@ ENROLL_DELAY = 0.5
 IMAGE_FORMAT = 1
 
 
+def from_config(svc, instance: str = "default") -> "CriuProcessBackend":
+    """controller.BACKENDS: a command service with sleep = "snapshot"."""
+    return CriuProcessBackend(svc.name, list(svc.command), cwd=svc.cwd, env=svc.env, policy=svc.snapshot_policy,
+                              host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
+                              ready_timeout=svc.wake_timeout, snapshot_dir=svc.criu.snapshot_dir,
+                              warmup=svc.criu.warmup, criu=svc.criu.binary, instance=instance)
+
+
 class CriuError(RuntimeError):
     """A dump or restore that did not work; the message has CRIU's own last error line."""
 
@@ -95,6 +103,8 @@ def _last_error(logfile: Path) -> str:
 
 class CriuProcessBackend:
     """A command service that sleeps as a CRIU image (the Backend protocol of controller/service.py)."""
+
+    started_elsewhere = None  # Service sets it; this backend never calls it
 
     mode = "snapshot"
     keeps_connections = False  # the process ends at every sleep
@@ -200,6 +210,9 @@ class CriuProcessBackend:
     def snapshot_stats(self) -> SnapshotStats:
         _, resident = footprint(files_under(self.image))
         return SnapshotStats(self.boots, self.snapshot_bytes, self.saves, self.save_seconds, resident, self.phases)
+
+    async def close(self) -> None:
+        """Nothing outlives the service."""
 
     def prepare_next_wake(self) -> None:
         """Nothing to start ahead: a restore is one CRIU run."""

@@ -72,12 +72,21 @@ class _Qemu:
     snapshot_id: float | None = None  # a standby's snapshot ("created" of its record)
 
 
+def from_config(svc, instance: str = "default") -> "MicroVMBackend":
+    """controller.BACKENDS: a service with a [services.NAME.microvm] table."""
+    return MicroVMBackend(svc.name, svc.microvm, mode=svc.sleep, policy=svc.snapshot_policy,
+                          host=svc.upstream.host, port=svc.upstream.port, ready_path=svc.ready_path,
+                          ready_timeout=svc.wake_timeout)
+
+
 class RestoreFailed(Exception):
     """QEMU could not load the snapshot (it exited or refused); a cold boot can still serve."""
 
 
 class MicroVMBackend:
     """One service's QEMU microVM: boot, pause, snapshot and restore, as ``Service`` asks."""
+
+    started_elsewhere = None  # Service sets it; this backend never calls it
 
     def __init__(self, name: str, vm, *, mode: str, policy: str, host: str, port: int, ready_path: str,
                  ready_timeout: float) -> None:
@@ -486,6 +495,9 @@ class MicroVMBackend:
             await vmm.qmp.close()
 
     # ---- the standby QEMU ----
+
+    async def close(self) -> None:
+        """Nothing outlives the service."""
 
     def prepare_next_wake(self) -> None:
         """While asleep (the supervisor calls it after each sleep, the controller at start): start a

@@ -85,6 +85,9 @@ class Backend(Protocol):
     keeps_connections: bool  # pooled upstream connections survive a sleep
     last_resume_seconds: float | None  # the backend's own part of the last wake
     last_ready_seconds: float | None  # the readiness wait of the last wake
+    # Set by Service: a backend that learns its service was started by someone else while asleep
+    # (a container started by hand) calls it; the service then wakes without starting anything.
+    started_elsewhere: Callable[[], None] | None
 
     async def wake(self, deadline: float) -> None:
         """Run the service and return once it answers its readiness probe (or raise)."""
@@ -107,6 +110,10 @@ class Backend(Protocol):
     def prepare_next_wake(self) -> None:
         """While asleep, start in the background what makes the next wake faster (a standby VMM);
         returns at once. Most backends have nothing to do."""
+
+    async def close(self) -> None:
+        """wakegate is exiting, after stop(): let go of what outlives a service (an Engine's
+        connection and events stream). Most backends hold nothing."""
 
 
 # Lease states
@@ -220,6 +227,8 @@ class Service:
         self._kick: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        if backend is not None:
+            backend.started_elsewhere = self._started_elsewhere
 
     # ---- the seam (request path: reads state, never writes it); see proxy/seam.py ----
 
@@ -263,6 +272,10 @@ class Service:
         self._ensure_supervisor()
         self._commands.put_nowait(command)
         self._kick.set()
+
+    def _started_elsewhere(self) -> None:
+        if self.state is ASLEEP:
+            self._command("wake")  # the backend finds it running: no start, a readiness probe
 
     def _wake_supervisor(self) -> None:
         self._ensure_supervisor()
@@ -525,3 +538,4 @@ class Service:
             except Exception as exc:  # the stop below ends it anyway
                 log.warning("service %s: sleep at shutdown failed: %s", self.name, exc or type(exc).__name__)
         await self.backend.stop()
+        await self.backend.close()

@@ -123,10 +123,27 @@ BAD = [
     ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nsleep = "pause"\n', "services.x.sleep",
      "only applies to a service with a command"),
     ('[admin]\ntoken = 5\n', "admin.token", "expected a string"),
+] + [  # Docker services
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\n' + body, key, words)
+    for body, key, words in [
+        ('[services.x.docker]\n', "services.x.docker.labels", "exactly one of container"),
+        ('[services.x.docker]\ncontainer = "a"\nlabels = { a = "b" }\n', "services.x.docker.container",
+         "exactly one of container"),
+        ('[services.x.docker]\ncontainer = "a b"\n', "services.x.docker.container", "not a container name"),
+        ('[services.x.docker]\nlabels = ["a=b"]\n', "services.x.docker.labels", "table of label"),
+        ('[services.x.docker]\ncontainer = "a"\nsocket = "docker.sock"\n', "services.x.docker.socket",
+         "absolute path"),
+        ('[services.x.docker]\ncontainer = "a"\nstop_timeout = "soon"\n', "services.x.docker.stop_timeout",
+         "duration"),
+        ('[services.x.docker]\ncontainer = "a"\nimage = "x"\n', "services.x.docker.image", "unknown key"),
+        ('sleep = "snapshot"\n[services.x.docker]\ncontainer = "a"\n', "services.x.sleep", '"pause" or "stop"'),
+        ('cwd = "/"\n[services.x.docker]\ncontainer = "a"\n', "services.x.cwd", "a container has its own"),
+        ('command = ["sh"]\n[services.x.docker]\ncontainer = "a"\n', "services.x.docker", "also has 'command'"),
+    ]
 ] + [  # microVM services; /bin/sh stands in for a kernel file where the file is not the point
     (VM + line + ("" if "[services.x.microvm]" in line else '[services.x.microvm]\nkernel = "/bin/sh"\n'), key, words)
     for line, key, words in [
-        ('command = ["sh"]\n', "services.x.microvm", "not both"),
+        ('command = ["sh"]\n', "services.x.microvm", "also has 'command'"),
         ('cwd = "/"\n', "services.x.cwd", "not to a microVM"),
         ('sleep = "stop"\n', "services.x.sleep", '"snapshot" or "pause"'),
         ('sleep = "pause"\nsnapshot_policy = "prepared"\n', "services.x.snapshot_policy", 'sleep = "snapshot"'),
@@ -153,7 +170,7 @@ BAD = [
     ('[services.x]\nhosts = ["x.example"]\nupstream = "[::1]:9010"\n[services.x.microvm]\nkernel = "/bin/sh"\n',
      "services.x.upstream", "IPv4"),
     ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nsnapshot_policy = "prepared"\n',
-     "services.x.snapshot_policy", "or a microvm table"),
+     "services.x.snapshot_policy", "a microvm or a docker table"),
 ]
 
 MINIMAL = '[services.ok]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:9001"\n'
@@ -180,6 +197,15 @@ def test_service_with_command(tmp_path):
     assert (w.no_wake.paths, w.no_wake.user_agents, w.no_wake.status) == (("/healthz",), ("kube-probe",), 204)
     assert w.max_queue == 10_000 and w.ready_path == "/"
     assert load(write(tmp_path, GOOD)).services["app"].command == ()
+
+
+def test_docker_service(tmp_path):
+    text = GOOD + '[services.c]\nhosts = ["c.example"]\nupstream = "127.0.0.1:9020"\n' \
+        '[services.c.docker]\nlabels = { "com.docker.compose.service" = "web", "com.docker.compose.project" = "p" }\n'
+    c = load(write(tmp_path, text)).services["c"]
+    assert c.wakeable and c.sleep == "pause" and c.docker.socket == "/var/run/docker.sock"
+    assert c.docker.labels == (("com.docker.compose.project", "p"), ("com.docker.compose.service", "web"))
+    assert c.docker.container == "" and c.docker.stop_timeout == 10.0
 
 
 def test_microvm_service(tmp_path, monkeypatch):

@@ -86,6 +86,9 @@ class FakeBackend:
     def prepare_next_wake(self):
         self.log.append(("prepare_next_wake", "start", time.monotonic()))
 
+    async def close(self):
+        pass
+
     def calls(self, name):
         return [(phase, t) for n, phase, t in self.log if n == name]
 

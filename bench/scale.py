@@ -9,7 +9,6 @@ host hits each size alike.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 import urllib.request

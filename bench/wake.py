@@ -58,7 +58,7 @@ class WakeMode:
 
     @property
     def path(self) -> str:
-        return "/hello" if self.kind != "microvm" and self.app == "plain" else "/"
+        return "/hello" if self.kind in ("process", "criu") and self.app == "plain" else "/"
 
 
 WAKE_MODES = (
@@ -72,6 +72,8 @@ WAKE_MODES = (
     WakeMode("vm-stream", "microvm", "snapshot", "vm-stream", policy="prepared",
              vm_extra='snapshot_format = "stream"\nstandby = false\n', slow_cycles=True),
     WakeMode("vm-pause", "microvm", "pause", "vm-cont", slow_cycles=True),
+    WakeMode("docker-pause", "docker", "pause", "docker-unpause"),
+    WakeMode("docker-stop", "docker", "stop", "docker-start"),
 )
 SLEEP_MODES = tuple(m.name for m in WAKE_MODES)
 
@@ -90,6 +92,10 @@ def unavailable(mode: WakeMode) -> str | None:
 
         binary, why = find_criu()
         return None if binary else f"CRIU: {why} (make criu builds it)"
+    if mode.kind == "docker":
+        from .engine import unavailable as engine_unavailable
+
+        return engine_unavailable()
     if mode.kind != "microvm":
         return None
     from controller import guest
@@ -117,7 +123,7 @@ class Gate:
     """A wakegate process with one service, ``svc``, run and put to sleep as the mode says."""
 
     def __init__(self, tmp: Path, mode: WakeMode | str, idle: str = "1h", extra_proxy: str = "",
-                 tiny: bool = False) -> None:
+                 tiny: bool = False, engine=None) -> None:
         if isinstance(mode, str):
             mode = next(m for m in WAKE_MODES if m.name == mode)
         self.mode = mode
@@ -126,7 +132,10 @@ class Gate:
         self.path = mode.path
         cfg = tmp / f"wake-{mode.name}.toml"
         policy = f'snapshot_policy = "{mode.policy}"\n' if mode.policy else ""
-        if mode.kind == "microvm":  # the demo guest; a prepared snapshot is made by the first request
+        if mode.kind == "docker":  # container "svc" on the bench's own Engine, created by wake_mode
+            how = (f'[services.svc.docker]\nsocket = "{engine.socket}"\ncontainer = "svc"\n'
+                   'stop_timeout = "0s"\n')
+        elif mode.kind == "microvm":  # the demo guest; a prepared snapshot is made by the first request
             how = (f'{policy}[services.svc.microvm]\nkernel = "{GUEST_CACHE / "vmlinux"}"\n'
                    f'initrd = "{GUEST_CACHE / "initramfs.cpio"}"\nsnapshot_dir = "{self.snapshot_dir}"\n'
                    f"{mode.vm_extra}")
@@ -318,8 +327,8 @@ class Baseline:
     """The mode's wake without wakegate, measured while wakegate's service sleeps. ``once()`` returns
     (resume, answer) in seconds: the bare resume or start, then to the first HTTP answer."""
 
-    def __init__(self, mode: WakeMode, gate: Gate, tiny: bool) -> None:
-        self.mode, self.gate, self.tiny = mode, gate, tiny
+    def __init__(self, mode: WakeMode, gate: Gate, tiny: bool, engine=None) -> None:
+        self.mode, self.gate, self.tiny, self.engine = mode, gate, tiny, engine
         self.proc: subprocess.Popen | None = None
         self.qmp: _BareQMP | None = None
         self.group: Path | None = None
@@ -328,6 +337,11 @@ class Baseline:
             self.proc = subprocess.Popen(_app_command(mode, self.port, tiny), stdout=subprocess.DEVNULL)
             _answer_time(self.port, mode.path, time.monotonic())
             self.group = _bench_freezer_group(self.proc.pid)
+        elif mode.kind == "docker":  # our own container beside wakegate's, on the same Engine
+            self.port = free_port()
+            engine.create("bare", self.port)
+            engine.api("POST", "/containers/bare/start")
+            _answer_time(self.port, "/", time.monotonic())
         elif mode.baseline == "vm-cont":  # our own VM, booted cold once
             from controller.config import MicroVMConfig
             from controller.microvm import MicroVMBackend
@@ -359,6 +373,13 @@ class Baseline:
             return resumed - started, _answer_time(self.port, self.mode.path, resumed)
         if kind == "criu":
             return _bare_criu_restore(self.gate.snapshot_dir, self.gate.backend_port, self.mode.path)
+        if kind in ("docker-unpause", "docker-start"):
+            sleep, wake = ("pause", "unpause") if kind == "docker-unpause" else ("stop?t=0", "start")
+            self.engine.api("POST", f"/containers/bare/{sleep}")
+            started = time.monotonic()
+            self.engine.api("POST", f"/containers/bare/{wake}")
+            resumed = time.monotonic()
+            return resumed - started, _answer_time(self.port, "/", resumed)
         if kind == "vm-cont":
             self.qmp.execute("stop")
             started = time.monotonic()
@@ -512,17 +533,28 @@ async def _wake_cycles(gate: Gate, baseline: Baseline, cycles: int, progress) ->
 def wake_mode(mode: WakeMode | str, cycles: int, progress=print, tiny: bool = False) -> dict:
     if isinstance(mode, str):
         mode = next(m for m in WAKE_MODES if m.name == mode)
+    engine = None
+    if mode.kind == "docker":
+        from .engine import PrivateEngine
+
+        engine = PrivateEngine()
     with tempfile.TemporaryDirectory(prefix="wakegate-wake-") as tmp:
-        gate = Gate(Path(tmp), mode, tiny=tiny)
+        gate = None
         baseline = None
         try:
-            baseline = Baseline(mode, gate, tiny)
+            gate = Gate(Path(tmp), mode, tiny=tiny, engine=engine)
+            if engine is not None:
+                engine.create("svc", gate.backend_port)
+            baseline = Baseline(mode, gate, tiny, engine)
             out = asyncio.run(_wake_cycles(gate, baseline, cycles, progress))
             described = gate.service()
         finally:
             if baseline is not None:
                 baseline.close()
-            gate.stop()
+            if gate is not None:
+                gate.stop()
+            if engine is not None:
+                engine.close()
     first, awake, resume, ready = out["first"], out["awake"], out["resume"], out["ready"]
     result = {"mode": mode.name, "kind": mode.kind, "sleep": mode.sleep, "policy": mode.policy, "app": mode.app,
               "baseline": mode.baseline, "awake": _ms(awake), "first_request": _ms(first),
@@ -542,6 +574,8 @@ def wake_mode(mode: WakeMode | str, cycles: int, progress=print, tiny: bool = Fa
     result["added_over_baseline"] = _ms([f - a - b for f, a, b in zip(first, awake, bare)])
     snapshot = described.get("snapshot") or described.get("microvm") or {}
     result["snapshot_bytes"] = snapshot.get("image_bytes", snapshot.get("snapshot_bytes"))
+    if engine is not None:
+        result["containers"] = (described.get("docker") or {}).get("containers")
     return result
 
 

@@ -5,111 +5,23 @@ by `docker import` from a busybox rootfs made here. Nothing is pulled.
 Needs Debian's docker.io (`make docker`, run by `make test`); skipped with the reason without it.
 """
 
-import json
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+
+from bench.engine import HELLO, PrivateEngine, unavailable
 
 from .conftest import free_port
 from .test_controller import admin, fetch, state, wait_state
 
-DOCKERD = shutil.which("dockerd")
-DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
-BUSYBOX = "/bin/busybox"
-pytestmark = [pytest.mark.skipif(not (DOCKERD and DOCKER and os.path.exists(BUSYBOX)),
-                                 reason="needs docker.io and busybox-static (make docker, make test-deps)"),
+pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())),
               pytest.mark.backend]  # end-to-end with a real backend: run once, on the C build
-IMAGE = "wakegate-test/httpd:1"
-HELLO = b"hello from a container\n"
-
-
-class Engine:
-    """dockerd on its own socket and folders, and the docker CLI pointed at it."""
-
-    def __init__(self) -> None:
-        # Short paths: containerd's sockets live under the exec root, and a Unix socket path has 108 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="wgd-", dir="/tmp"))
-        self.socket = self.root / "docker.sock"
-        self.log = open(self.root / "dockerd.log", "wb")
-        self.proc = subprocess.Popen(
-            [DOCKERD, "-H", f"unix://{self.socket}", "--data-root", str(self.root / "data"),
-             "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "docker.pid"),
-             "--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-forward=false", "--ip-masq=false",
-             "--log-level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while self.run("version", check=False).returncode != 0:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dockerd did not start: " + (self.root / "dockerd.log").read_text()[-2000:])
-            time.sleep(0.05)
-        self.build_image()
-
-    def run(self, *args, check=True, input=None) -> subprocess.CompletedProcess:
-        result = subprocess.run([DOCKER, "-H", f"unix://{self.socket}", *args], capture_output=True, input=input,
-                                timeout=60)
-        if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)}: {result.stderr.decode()[-1000:]}")
-        return result
-
-    def build_image(self) -> None:
-        rootfs = self.root / "rootfs"
-        (rootfs / "bin").mkdir(parents=True)
-        (rootfs / "www").mkdir()
-        shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
-        (rootfs / "bin" / "sh").symlink_to("busybox")
-        (rootfs / "www" / "index.html").write_bytes(HELLO)
-        tarball = subprocess.run(["tar", "-C", str(rootfs), "-cf", "-", "."], capture_output=True, check=True).stdout
-        self.run("import", "-", IMAGE, input=tarball)
-
-    def create(self, name: str, port: int, labels: dict | None = None) -> None:
-        """A stopped container serving HELLO on 127.0.0.1:port (host network)."""
-        label_args = [a for k, v in (labels or {}).items() for a in ("--label", f"{k}={v}")]
-        self.run("create", "--name", name, "--network", "host", *label_args, IMAGE,
-                 "/bin/busybox", "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www")
-
-    def status(self, name: str) -> str:
-        return json.loads(self.run("inspect", name).stdout)[0]["State"]["Status"]
-
-    def remove_all(self) -> None:
-        ids = self.run("ps", "-aq").stdout.split()
-        if ids:
-            self.run("rm", "-f", *[i.decode() for i in ids])
-
-    def close(self) -> None:
-        self.remove_all()
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        left = subprocess.run(["pgrep", "-f", str(self.root)], capture_output=True, text=True).stdout.split()
-        for pid in left:
-            os.kill(int(pid), signal.SIGKILL)
-        mounts = self.mounts()  # dockerd leaves its network namespace file mounted (exec/netns/default)
-        for mount in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", mount], capture_output=True)
-        shutil.rmtree(self.root, ignore_errors=True)
-        assert not left, f"processes of the test Engine left behind: {left}"
-        assert not self.mounts() and not self.root.exists(), f"mounts left behind: {self.mounts()}"
-
-    def mounts(self) -> list[str]:
-        with open("/proc/self/mounts") as f:
-            return [line.split()[1] for line in f if line.split()[1].startswith(str(self.root))]
 
 
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine()
+    e = PrivateEngine()
     yield e
     e.close()
 
@@ -230,3 +142,43 @@ def test_an_unreachable_engine_answers_503_at_once(start_wakegate):
     assert time.monotonic() - started < 5
     assert "cannot reach the Docker Engine at /nonexistent/docker.sock" in w.output()
     assert state(w, "away")["state"] == "failed"
+
+
+@pytest.mark.parametrize("sleep", ["pause", "stop"])
+def test_random_arrivals_across_container_cycles_lose_nothing(engine, start_wakegate, sleep):
+    """Bounded: 100 sleep/wake cycles or 60 s, two clients at random intervals around the idle
+    timeout, keep-alive and fresh connections; every request is answered by the container."""
+    import random
+    import threading
+
+    from .conftest import Client
+
+    port = free_port()
+    engine.create("soak", port)
+    w = start_wakegate(docker_service("soak", port, engine, sleep=sleep, idle="50ms"))
+    deadline = time.monotonic() + 60
+    results, lock = [], threading.Lock()
+
+    def worker(seed):
+        r = random.Random(seed)
+        c = Client(w.port, timeout=30)
+        while time.monotonic() < deadline and state(w, "soak")["wakes"] < 100:
+            if r.random() < 0.3:
+                c.close()
+                c = Client(w.port, timeout=30)
+            response = c.request(b"GET / HTTP/1.1\r\nHost: soak.test\r\n\r\n")
+            with lock:
+                results.append((response.status, response.body))
+            time.sleep(r.choice([0, 0.01, 0.04, 0.06, 0.1, 0.15]))
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = state(w, "soak")
+    bad = [r for r in results if r != (200, HELLO)]
+    assert results and not bad, bad[:5]
+    assert s["wakes"] >= 100 or time.monotonic() >= deadline, s
+    assert s["failures"] == 0

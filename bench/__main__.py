@@ -359,7 +359,8 @@ def markdown(results: dict) -> str:
                      "service's image by hand; vm-snapshot, a bare QEMU started ahead with the RAM file mapped and "
                      "`-incoming defer`, timed from migrate-incoming; vm-stream, a bare QEMU launched with "
                      "`-incoming fd:` on the whole stream; vm-pause, QMP cont of a bare paused VM; docker-*, the Engine "
-                     "API's unpause or start call on a second container of the same image. \"resume\" is "
+                     "API's unpause or start call on a second container of the same image; runc-stop, `runc run` of a "
+                     "second bundle to its first answer. \"resume\" is "
                      "that step, \"answer\" the time from it to the first HTTP answer (polled every 0.2 ms).")
         lines.append("")
         lines.append("wakegate's own part of a wake, measured directly: the first request less the backend's resume, "

@@ -20,6 +20,7 @@ from pathlib import Path
 DOCKERD = shutil.which("dockerd")
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
 BUSYBOX = "/bin/busybox"
+RUNC = shutil.which("runc")
 IMAGE = "wakegate-test/httpd:1"
 HELLO = b"hello from a container\n"
 
@@ -129,3 +130,19 @@ class _UnixHTTP(http.client.HTTPConnection):
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.path)
+
+
+def make_bundle(folder, port):
+    """An OCI bundle: busybox httpd serving HELLO on 127.0.0.1:port, sharing the host's network."""
+    rootfs = folder / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "www").mkdir()
+    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
+    (rootfs / "www" / "index.html").write_bytes(HELLO)
+    subprocess.run([RUNC or "runc", "spec", "--bundle", str(folder)], check=True)
+    spec = json.loads((folder / "config.json").read_text())
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["/bin/busybox", "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"]
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
+    (folder / "config.json").write_text(json.dumps(spec))
+    return folder

@@ -58,7 +58,7 @@ class WakeMode:
 
     @property
     def path(self) -> str:
-        return "/hello" if self.kind in ("process", "criu") and self.app == "plain" else "/"
+        return "/hello" if self.kind in ("process", "criu") and self.app == "plain" else "/"  # busybox httpd: /
 
 
 WAKE_MODES = (
@@ -74,6 +74,7 @@ WAKE_MODES = (
     WakeMode("vm-pause", "microvm", "pause", "vm-cont", slow_cycles=True),
     WakeMode("docker-pause", "docker", "pause", "docker-unpause"),
     WakeMode("docker-stop", "docker", "stop", "docker-start"),
+    WakeMode("runc-stop", "oci", "stop", "runc-run"),
 )
 SLEEP_MODES = tuple(m.name for m in WAKE_MODES)
 
@@ -96,6 +97,10 @@ def unavailable(mode: WakeMode) -> str | None:
         from .engine import unavailable as engine_unavailable
 
         return engine_unavailable()
+    if mode.kind == "oci":
+        from .engine import RUNC
+
+        return None if RUNC else "needs runc (make docker installs it with docker.io)"
     if mode.kind != "microvm":
         return None
     from controller import guest
@@ -132,7 +137,13 @@ class Gate:
         self.path = mode.path
         cfg = tmp / f"wake-{mode.name}.toml"
         policy = f'snapshot_policy = "{mode.policy}"\n' if mode.policy else ""
-        if mode.kind == "docker":  # container "svc" on the bench's own Engine, created by wake_mode
+        if mode.kind == "oci":  # a busybox bundle and a private runtime state folder
+            from .engine import make_bundle
+
+            bundle = make_bundle(tmp / "bundle", self.backend_port)
+            how = (f'[services.svc.oci]\nbundle = "{bundle}"\nroot = "{tmp / "runc-root"}"\n'
+                   'stop_timeout = "0s"\n')
+        elif mode.kind == "docker":  # container "svc" on the bench's own Engine, created by wake_mode
             how = (f'[services.svc.docker]\nsocket = "{engine.socket}"\ncontainer = "svc"\n'
                    'stop_timeout = "0s"\n')
         elif mode.kind == "microvm":  # the demo guest; a prepared snapshot is made by the first request
@@ -342,6 +353,12 @@ class Baseline:
             engine.create("bare", self.port)
             engine.api("POST", "/containers/bare/start")
             _answer_time(self.port, "/", time.monotonic())
+        elif mode.kind == "oci":  # our own bundle beside wakegate's, on another port
+            from .engine import RUNC, make_bundle
+
+            self.port = free_port()
+            self.runc = [RUNC, "--root", str(gate.snapshot_dir.parent / "bare-root")]
+            self.bundle = make_bundle(gate.snapshot_dir.parent / "bare-bundle", self.port)
         elif mode.baseline == "vm-cont":  # our own VM, booted cold once
             from controller.config import MicroVMConfig
             from controller.microvm import MicroVMBackend
@@ -380,6 +397,16 @@ class Baseline:
             self.engine.api("POST", f"/containers/bare/{wake}")
             resumed = time.monotonic()
             return resumed - started, _answer_time(self.port, "/", resumed)
+        if kind == "runc-run":  # the runtime's own start, in the foreground as wakegate runs it
+            started = time.monotonic()
+            proc = subprocess.Popen([*self.runc, "run", "--bundle", str(self.bundle), "bare"],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                return 0.0, _answer_time(self.port, "/", started)
+            finally:
+                subprocess.run([*self.runc, "kill", "bare", "KILL"], capture_output=True)
+                stop_process(proc, 10, sig=None)
+                subprocess.run([*self.runc, "delete", "--force", "bare"], capture_output=True)
         if kind == "vm-cont":
             self.qmp.execute("stop")
             started = time.monotonic()

@@ -53,6 +53,7 @@ DOCKER_SLEEP_MODES = ("pause", "stop")  # the Engine's pause/unpause (memory kep
 DOCKER_SOCKET = "/var/run/docker.sock"  # the Engine's default
 DOCKER_STOP_TIMEOUT = 10.0  # docker stop's own default: SIGTERM, then SIGKILL after this
 DOCKER_API_TIMEOUT = 10.0  # any other Engine call; it answers in ~10 ms here
+OCI_RUNTIMES = ("runc", "crun", "runsc")  # the CLIs that take run/pause/resume/kill/delete/state alike
 QEMU_BINARY = "qemu-system-x86_64"
 
 
@@ -150,6 +151,18 @@ class DockerConfig:
 
 
 @dataclass(frozen=True)
+class OCIConfig:
+    """An OCI bundle (a folder with config.json and its rootfs) run by an OCI runtime's CLI."""
+
+    bundle: str
+    runtime: str = "runc"  # resolved on PATH
+    root: str = ""  # the runtime's state folder (--root); empty: its default
+    container_id: str = ""  # empty: wakegate-<instance>-<service>
+    stop_timeout: float = DOCKER_STOP_TIMEOUT
+    log: str = ""  # the container's stdout and stderr; empty: discarded
+
+
+@dataclass(frozen=True)
 class CriuConfig:
     """A command service that sleeps as a CRIU image (absolute paths)."""
 
@@ -177,11 +190,12 @@ class ServiceConfig:
     snapshot_policy: str = "stateful"
     criu: CriuConfig | None = None  # set: a command service with sleep = "snapshot"
     docker: DockerConfig | None = None  # set: the service is a Docker container (or several)
+    oci: OCIConfig | None = None  # set: the service is an OCI bundle run by runc (or crun, runsc)
 
     @property
     def wakeable(self) -> bool:
         """Has something to wake (a command, a microVM or a container); otherwise always up."""
-        return bool(self.command) or self.microvm is not None or self.docker is not None
+        return bool(self.command) or any(x is not None for x in (self.microvm, self.docker, self.oci))
 
 
 @dataclass(frozen=True)
@@ -523,6 +537,29 @@ def _docker(d: _Reader) -> DockerConfig:
     )
 
 
+def _oci(o: _Reader, path: str) -> OCIConfig:
+    bundle = o.get("bundle")
+    if not isinstance(bundle, str) or not bundle:
+        raise o.error("bundle", "missing; the folder with the container's config.json and rootfs")
+    folder = _beside(path, bundle)
+    if not (folder / "config.json").is_file():
+        raise o.error("bundle", f"{str(folder)!r} has no config.json (an OCI bundle: `runc spec` makes one)")
+    runtime = o.string("runtime", "runc")
+    found = shutil.which(runtime) if "/" not in runtime else (runtime if os.access(runtime, os.X_OK) else None)
+    if found is None:
+        hint = " (apt-get install runc)" if runtime == "runc" else ""
+        raise o.error("runtime", f"{runtime!r} is not on PATH{hint}")
+    if os.path.basename(runtime) not in OCI_RUNTIMES:
+        raise o.error("runtime", f"expected one of {', '.join(OCI_RUNTIMES)} (their CLIs match), got {runtime!r}")
+    container_id = o.string("container_id", "")
+    if container_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", container_id):
+        raise o.error("container_id", f"not a container id: {container_id!r}")
+    log = o.string("log", "")
+    return OCIConfig(bundle=str(folder), runtime=found, root=str(_beside(path, o.string("root", ""))) if o.has("root") else "",
+                     container_id=container_id, stop_timeout=o.duration("stop_timeout", DOCKER_STOP_TIMEOUT, allow_zero=True),
+                     log=str(_beside(path, log)) if log else "")
+
+
 _WAKE_KEYS = ("cwd", "env", "sleep", "snapshot_policy", "idle_timeout", "wake_timeout", "max_queue", "ready_path",
               "no_wake")
 
@@ -539,10 +576,10 @@ def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
     """The keys that make a service sleep and wake: a command or a microVM, and when and how."""
     out: dict = {}
     command = r.get("command")
-    kinds = [k for k in ("command", "microvm", "docker") if r.has(k)]
+    kinds = [k for k in ("command", "microvm", "docker", "oci") if r.has(k)]
     if len(kinds) > 1:
         r.get(kinds[1])
-        raise r.error(kinds[1], f"a service has one of a command, a microvm table or a docker table; this one "
+        raise r.error(kinds[1], f"a service has one of a command, a microvm, a docker or an oci table; this one "
                       f"also has {kinds[0]!r}")
     if command is not None:
         out.update(_command(r, path, command))
@@ -559,9 +596,15 @@ def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
         d.finish()
         modes = DOCKER_SLEEP_MODES
         _refuse(r, ("cwd", "env"), "only applies to a service with a command; a container has its own")
+    elif r.has("oci"):
+        o = r.sub("oci")
+        out["oci"] = _oci(o, path)
+        o.finish()
+        modes = DOCKER_SLEEP_MODES
+        _refuse(r, ("cwd", "env"), "only applies to a service with a command; the bundle's config.json has its own")
     else:
-        _refuse(r, _WAKE_KEYS, "only applies to a service with a command, a microvm or a docker table (one "
-                "wakegate can wake)")
+        _refuse(r, _WAKE_KEYS, "only applies to a service with a command, a microvm, a docker or an oci table "
+                "(one wakegate can wake)")
         return out
     sleep = r.string("sleep", modes[0] if command is None else "stop")
     if sleep not in modes:

@@ -26,6 +26,7 @@ BACKENDS: tuple[tuple[str, str], ...] = (
     ("microvm", "controller.microvm"),  # [services.NAME.microvm]
     ("criu", "controller.criu"),  # a command with sleep = "snapshot"
     ("docker", "controller.docker"),  # [services.NAME.docker]
+    ("oci", "controller.oci"),  # [services.NAME.oci]
     ("command", "controller.backends"),  # a plain command: pause or stop
 )
 

@@ -170,7 +170,7 @@ BAD = [
     ('[services.x]\nhosts = ["x.example"]\nupstream = "[::1]:9010"\n[services.x.microvm]\nkernel = "/bin/sh"\n',
      "services.x.upstream", "IPv4"),
     ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nsnapshot_policy = "prepared"\n',
-     "services.x.snapshot_policy", "a microvm or a docker table"),
+     "services.x.snapshot_policy", "a microvm, a docker or an oci table"),
 ]
 
 MINIMAL = '[services.ok]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:9001"\n'

@@ -1,0 +1,97 @@
+"""controller.oci against a real runc: an OCI bundle made here (busybox httpd on the host network,
+from `runc spec`), woken by a request, paused or stopped, killed from outside, and nothing left
+behind (no container in the runtime's state folder, no process).
+"""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from bench.engine import HELLO, make_bundle
+
+from .conftest import free_port
+from .test_controller import admin, fetch, state, wait_state
+
+RUNC = shutil.which("runc")
+pytestmark = [pytest.mark.skipif(not RUNC, reason="needs runc (make docker installs it with docker.io)"),
+              pytest.mark.backend]  # end-to-end with a real backend: run once, on the C build
+
+
+@pytest.fixture
+def runtime_root(tmp_path):
+    root = tmp_path / "runc-root"
+    yield root
+    listed = subprocess.run([RUNC, "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
+    for cid in listed:
+        subprocess.run([RUNC, "--root", str(root), "delete", "--force", cid], capture_output=True)
+    assert not listed, f"containers left behind: {listed}"
+
+
+def oci_service(name, port, bundle, root, sleep="stop", idle="1h"):
+    return f"""
+[services.{name}]
+hosts = ["{name}.test"]
+upstream = "127.0.0.1:{port}"
+sleep = "{sleep}"
+idle_timeout = "{idle}"
+wake_timeout = "10s"
+[services.{name}.oci]
+bundle = "{bundle}"
+root = "{root}"
+stop_timeout = "1s"
+"""
+
+
+def runc_state(root, cid):
+    out = subprocess.run([RUNC, "--root", str(root), "state", cid], capture_output=True, text=True)
+    return json.loads(out.stdout)["status"] if out.returncode == 0 else None
+
+
+@pytest.mark.parametrize("sleep,asleep", [("pause", "paused"), ("stop", None)])
+def test_a_request_runs_the_bundle_and_a_sleep_pauses_or_ends_it(tmp_path, runtime_root, start_wakegate,
+                                                                  sleep, asleep):
+    port = free_port()
+    bundle = make_bundle(tmp_path / "bundle", port)
+    w = start_wakegate(oci_service("box", port, bundle, runtime_root, sleep=sleep))
+    r = fetch(w.port, "box.test", "/")
+    assert r.status == 200 and r.body == HELLO
+    cid = state(w, "box")["oci"]["id"]
+    assert runc_state(runtime_root, cid) == "running"
+    admin(w, "POST", "/services/box/sleep")
+    wait_state(w, "box", "asleep")
+    assert runc_state(runtime_root, cid) == asleep
+    r = fetch(w.port, "box.test", "/")
+    assert r.status == 200 and r.body == HELLO and runc_state(runtime_root, cid) == "running"
+    w.stop()  # wakegate's exit ends the container
+    assert runc_state(runtime_root, cid) is None
+
+
+def test_a_container_killed_from_outside_is_noticed_and_run_again(tmp_path, runtime_root, start_wakegate):
+    port = free_port()
+    bundle = make_bundle(tmp_path / "bundle", port)
+    w = start_wakegate(oci_service("box", port, bundle, runtime_root))
+    assert fetch(w.port, "box.test", "/").status == 200
+    cid = state(w, "box")["oci"]["id"]
+    subprocess.run([RUNC, "--root", str(runtime_root), "kill", cid, "KILL"], check=True)
+    wait_state(w, "box", "asleep", timeout=5)
+    r = fetch(w.port, "box.test", "/")
+    assert r.status == 200 and r.body == HELLO
+    assert state(w, "box")["wakes"] == 2
+
+
+def test_a_container_left_by_an_earlier_wakegate_is_replaced(tmp_path, runtime_root, start_wakegate):
+    port = free_port()
+    bundle = make_bundle(tmp_path / "bundle", port)
+    w = start_wakegate(oci_service("box", port, bundle, runtime_root))
+    assert fetch(w.port, "box.test", "/").status == 200
+    cid = state(w, "box")["oci"]["id"]
+    w.proc.kill()  # the runtime dies with it (parent-death signal); the container stays in the state folder
+    w.proc.wait()
+    assert runc_state(runtime_root, cid) is not None
+    subprocess.run([RUNC, "--root", str(runtime_root), "kill", cid, "KILL"], capture_output=True)  # frees its port
+    w.restart()
+    r = fetch(w.port, "box.test", "/")
+    assert r.status == 200 and r.body == HELLO
+    assert "left by an earlier wakegate" in w.output() and runc_state(runtime_root, cid) == "running"

@@ -185,6 +185,7 @@ class DockerBackend:
         self._asleep_since_ns = 0  # a start older than this is wakegate's own
         self._engine: DockerEngine | None = None
         self._stop = SharedStop()
+        self._known_paused: set[str] | None = None  # paused by our last sleep, and nothing since
 
     # ---- the Engine ----
 
@@ -222,6 +223,8 @@ class DockerBackend:
         if not self._matches(event):
             return
         when = int(event.get("timeNano") or 0)
+        if when > self._asleep_since_ns:
+            self._known_paused = None  # someone else acted on it: look before acting
         if action in DIED and self.awake and when >= self._awake_since_ns:
             exited = self._exited
             if exited is not None and not exited.done():
@@ -252,14 +255,15 @@ class DockerBackend:
         await self._stop.wait()
         started = time.monotonic()
         self._awake_since_ns = time.time_ns()
-        found = await self.find()
-        self.containers = {c["Id"]: c["Name"] for c in found}
-        paused = [c["Id"] for c in found if c["State"] == "paused"]
-        stopped = [c["Id"] for c in found if c["State"] not in ("paused", "running", "restarting")]
         self._exited = asyncio.get_running_loop().create_future()
         self.awake = True
         try:
-            await asyncio.gather(self._each("unpause", paused), self._each("start", stopped))
+            if not await self._resume_known():
+                found = await self.find()
+                self.containers = {c["Id"]: c["Name"] for c in found}
+                paused = [c["Id"] for c in found if c["State"] == "paused"]
+                stopped = [c["Id"] for c in found if c["State"] not in ("paused", "running", "restarting")]
+                await asyncio.gather(self._each("unpause", paused), self._each("start", stopped))
         except EngineError as exc:
             self.last_error = str(exc)
             raise
@@ -268,13 +272,27 @@ class DockerBackend:
         await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited(), ATTEMPT_FIRST)
         self.last_ready_seconds = time.monotonic() - resumed
 
+    async def _resume_known(self) -> bool:
+        """The containers wakegate itself paused, unchanged since (no event about them): unpause them
+        without asking the Engine first (one round trip less). False: look them up instead."""
+        if self._known_paused is None or self._known_paused != set(self.containers):
+            return False
+        self._known_paused = None
+        try:
+            await self._each("unpause", list(self.containers))
+            return True
+        except EngineError:
+            return False  # changed after all (removed, unpaused): the full path finds out
+
     async def sleep(self) -> None:
         ids = list(self.containers)
+        self._known_paused = None
         self.awake = False
         self._asleep_since_ns = NEVER  # until our own calls are done, no start is someone else's
         try:
             if self.mode == "pause":
                 await self._each("pause", ids)
+                self._known_paused = set(ids)
             else:
                 await self._stop_containers(ids)
         finally:
@@ -298,6 +316,7 @@ class DockerBackend:
 
     async def _stop_all(self) -> None:
         ids = list(self.containers)
+        self._known_paused = None
         self.awake = False
         self._asleep_since_ns = NEVER
         try:

@@ -29,27 +29,28 @@ def _implementation() -> str:
     return "C extension" if IMPLEMENTATION == "c" else "pure Python"
 
 
-def build_router(config, controller=None):
-    """The proxy's routing table for a validated config; with a controller, routes carry the seam."""
-    from proxy.routing import Router
+def make_route(config, svc):
+    """One service's route: its upstream pool and its no-wake rules (the seam is set by the caller)."""
     from proxy.server import ServiceRoute
     from proxy.upstream import UpstreamPool
 
-    routes = {}
-    for name, svc in config.services.items():
-        no_wake = None
-        if svc.wakeable and (svc.no_wake.paths or svc.no_wake.user_agents):
-            no_wake = (
-                tuple(p.encode() for p in svc.no_wake.paths),
-                tuple(a.encode() for a in svc.no_wake.user_agents),
-                svc.no_wake.status,
-            )
-        routes[name] = ServiceRoute(
-            name, UpstreamPool(
-                svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive,
-                config.proxy.upstream_max_connections,
-            ), no_wake=no_wake
+    no_wake = None
+    if svc.wakeable and (svc.no_wake.paths or svc.no_wake.user_agents):
+        no_wake = (
+            tuple(p.encode() for p in svc.no_wake.paths),
+            tuple(a.encode() for a in svc.no_wake.user_agents),
+            svc.no_wake.status,
         )
+    pool = UpstreamPool(svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive,
+                        config.proxy.upstream_max_connections)
+    return ServiceRoute(svc.name, pool, no_wake=no_wake)
+
+
+def build_router(config, controller=None):
+    """The proxy's routing table for a validated config; with a controller, routes carry the seam."""
+    from proxy.routing import Router
+
+    routes = {name: make_route(config, svc) for name, svc in config.services.items()}
     router = Router(routes.get(config.proxy.default_service) if config.proxy.default_service else None)
     for name, svc in config.services.items():
         if svc.hosts:
@@ -116,6 +117,12 @@ async def serve(config) -> int:
         else:
             controller.reap_leftovers()  # the listener is ours: no live wakegate is this instance
     controller.start()
+    discovery = None
+    if config.discovery.enabled:
+        from .discovery import Discovery, LiveServices
+
+        discovery = Discovery(LiveServices(config, controller, router, routes), config.discovery.socket)
+        await discovery.start()
     # Everything built so far (config, routes, services) lives as long as the process: keep it out of
     # the garbage collector's full passes, which otherwise walk ~20 objects per configured service.
     gc.collect()
@@ -135,6 +142,8 @@ async def serve(config) -> int:
         log.warning("drain: %d connections were still busy at the end of the grace period", cut)
     for route in routes.values():
         route.pool.close_idle()
+    if discovery is not None:
+        await discovery.close()
     await controller.close()  # stops every backend process: nothing is left behind
     await admin.close()
     if server.access_log is not None:
@@ -221,6 +230,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         config = _load_or_exit(args.config)
+        if config.discovery.enabled:
+            from .discovery import audit
+
+            found, problems = asyncio.run(audit(config))
+            for line in found:
+                print(f"{args.config}: discovered {line}")
+            for line in problems:
+                print(f"wakegate: {args.config}: {line}", file=sys.stderr)
+            if problems:
+                return EXIT_CONFIG
         print(
             f"{args.config}: ok, {len(config.services)} services, listen {config.proxy.listen}, "
             f"admin {config.admin.listen} (parser: {_implementation()})"

@@ -199,6 +199,14 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class DiscoverySettings:
+    """[docker]: containers labelled wakegate.enable=true become services, live."""
+
+    enabled: bool = False
+    socket: str = DOCKER_SOCKET
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     proxy: ProxySettings
@@ -206,6 +214,7 @@ class Config:
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
 
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
@@ -728,25 +737,81 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         r = s.sub(name)
         if not _NAME.match(name):
             raise top.error(f"services.{name}", "service names use letters, digits, '-', '_' and '.'")
-        hosts = tuple(_check_host_pattern(r, h) for h in r.strings("hosts"))
-        paths = tuple(_check_path(r, x) for x in r.strings("paths"))
-        if not hosts and name != proxy.default_service:
-            raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"]')
-        upstream = r.address("upstream")
-        lifecycle = _lifecycle(r, path, upstream)
-        r.finish()
+        service = _service(r, name, path, hosts_optional=name == proxy.default_service)
+        hosts, paths = service.hosts, service.paths
         for host in hosts:
             for prefix in paths or ("",):
                 other = seen.setdefault((host, prefix), name)
                 if other != name:
                     where = f"{host}{prefix}"
                     raise r.error("hosts", f"{where!r} is already routed to service {other!r}")
-        services[name] = ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream, **lifecycle)
+        services[name] = service
     s.used.update(s.table)
+    d = top.sub("docker")
+    discovery = DiscoverySettings(enabled=d.boolean("discover", False), socket=d.string("socket", DOCKER_SOCKET))
+    if not discovery.socket.startswith("/"):
+        raise d.error("socket", f"expected the absolute path of the Engine's Unix socket, got {discovery.socket!r}")
+    d.finish()
     top.finish()
 
     if proxy.default_service and proxy.default_service not in services:
         raise p.error("default_service", f"names no service; known: {', '.join(sorted(services)) or 'none'}")
-    if not services:
-        raise top.error("services", "no services configured; add a [services.NAME] table")
-    return Config(path=path, proxy=proxy, admin=admin, services=services, log=log_settings, metrics=metrics_settings)
+    if not services and not discovery.enabled:
+        raise top.error("services", "no services configured; add a [services.NAME] table (or discover containers: "
+                        "[docker] discover = true)")
+    return Config(path=path, proxy=proxy, admin=admin, services=services, log=log_settings, metrics=metrics_settings,
+                  discovery=discovery)
+
+
+def _service(r: _Reader, name: str, path: str, hosts_optional: bool = False) -> ServiceConfig:
+    """One service's table (or a container's labels, read as one)."""
+    hosts = tuple(_check_host_pattern(r, h) for h in r.strings("hosts"))
+    paths = tuple(_check_path(r, x) for x in r.strings("paths"))
+    if not hosts and not hosts_optional:
+        raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"]')
+    upstream = r.address("upstream")
+    lifecycle = _lifecycle(r, path, upstream)
+    r.finish()
+    return ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream, **lifecycle)
+
+
+# Docker labels that make a container a service (README "Discovery"): wakegate.enable=true, then
+# wakegate.<key> for the service keys below. Lists are comma-separated.
+LABEL_PREFIX = "wakegate."
+LABEL_KEYS = ("service", "hosts", "paths", "upstream", "port", "sleep", "idle_timeout", "wake_timeout",
+              "ready_path", "max_queue")
+
+
+def service_from_labels(container: str, labels: dict[str, str], socket: str) -> ServiceConfig:
+    """The service a labelled container declares; ConfigError naming the container and the label."""
+    where = f"container {container}"
+    table: dict = {}
+    for label, value in labels.items():
+        if not label.startswith(LABEL_PREFIX) or label == LABEL_PREFIX + "enable":
+            continue
+        key = label[len(LABEL_PREFIX):]
+        if key not in LABEL_KEYS:
+            raise ConfigError(f"{where}: label {label}: unknown; known: {', '.join(LABEL_PREFIX + k for k in LABEL_KEYS)}")
+        table[key] = value
+    name = table.pop("service", container)
+    if not _NAME.match(name):
+        raise ConfigError(f"{where}: label {LABEL_PREFIX}service: service names use letters, digits, '-', '_' and '.'")
+    for key in ("hosts", "paths"):
+        if key in table:
+            table[key] = [x.strip() for x in table[key].split(",") if x.strip()]
+    port = table.pop("port", None)
+    if "upstream" not in table:
+        if port is None:
+            raise ConfigError(f"{where}: label {LABEL_PREFIX}port: missing; the port the container listens on "
+                              f"(host network), or {LABEL_PREFIX}upstream")
+        table["upstream"] = f"127.0.0.1:{port}"
+    if "max_queue" in table:
+        try:
+            table["max_queue"] = int(table["max_queue"])
+        except ValueError:
+            raise ConfigError(f"{where}: label {LABEL_PREFIX}max_queue: expected a whole number") from None
+    # Replicas share the service label: all of them are the service; otherwise the container alone.
+    selector = {"labels": {LABEL_PREFIX + "service": name}} if f"{LABEL_PREFIX}service" in labels \
+        else {"container": container}
+    table["docker"] = {"socket": socket, **selector}
+    return _service(_Reader(where, table, "label wakegate"), name, where)

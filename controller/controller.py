@@ -46,24 +46,38 @@ class Controller:
         listen = config.proxy.listen
         self.instance = instance_name(listen.host, listen.port)
         self.services: dict[str, Service] = {}
-        for name, svc in config.services.items():
-            backend = make_backend(svc, self.instance)
-            if backend is not None and name in pools:
-                backend.pools = [pools[name]]
-            self.services[name] = Service(
-                name,
-                backend,
-                idle_timeout=svc.idle_timeout if backend is not None else None,
-                wake_timeout=svc.wake_timeout,
-                max_queue=svc.max_queue,
-                pools=[pools[name]] if name in pools else [],
-            )
         self.holding: set[Service] = set()  # services with held requests: all the expiry tick visits
-        for service in self.services.values():
-            service.holding = self.holding
+        for name, svc in config.services.items():
+            self.services[name] = self._service(svc, pools.get(name))
         timeouts = [s.wake_timeout for s in self.services.values()] or [1.0]
         self.tick = min(EXPIRE_TICK_MAX, min(timeouts) / 10)
         self._ticker: asyncio.TimerHandle | None = None
+
+    def _service(self, svc, pool) -> Service:
+        backend = make_backend(svc, self.instance)
+        if backend is not None and pool is not None:
+            backend.pools = [pool]
+        service = Service(svc.name, backend, idle_timeout=svc.idle_timeout if backend is not None else None,
+                          wake_timeout=svc.wake_timeout, max_queue=svc.max_queue,
+                          pools=[pool] if pool is not None else [])
+        service.holding = self.holding
+        return service
+
+    def add_service(self, svc, pool) -> Service:
+        """A service that appeared while running (discovery); asleep until its first request."""
+        service = self.services[svc.name] = self._service(svc, pool)
+        self.tick = min(self.tick, svc.wake_timeout / 10)
+        if service.backend is not None:
+            service.backend.prepare_next_wake()
+        return service
+
+    async def remove_service(self, name: str) -> None:
+        """A service that went away: its held requests are refused and its backend let go, without
+        acting on what is already gone."""
+        service = self.services.pop(name, None)
+        if service is not None:
+            self.holding.discard(service)
+            await service.close(stop_backend=False)
 
     def reap_leftovers(self) -> int:
         """Kill what an earlier wakegate with this proxy listener left behind. Call it only once the

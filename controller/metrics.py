@@ -169,7 +169,7 @@ class FastExposition:
         self.routes = routes
         self.proxy_stats = proxy_stats
         self._cache: dict[str, tuple] = {}  # service -> (version, [lines per family])
-        self._labels = {name: f'service="{_escape(name)}"' for name in controller.services}
+        self._labels: dict[str, str] = {}  # service -> its label text (services come and go: discovery)
 
     def _version(self, name, service, stats):
         snap = service.backend.snapshot_stats() if service.backend is not None else None
@@ -183,7 +183,9 @@ class FastExposition:
 
     def _service_lines(self, name: str, service, stats) -> list[list[str]]:
         per = [[] for _ in _PER_SERVICE]
-        label = self._labels[name]
+        label = self._labels.get(name)
+        if label is None:
+            label = self._labels[name] = f'service="{_escape(name)}"'
         mode = service.backend.mode if service.backend is not None else "none"
         if stats is not None:
             lines = per[_INDEX["wakegate_requests"]]
@@ -237,6 +239,10 @@ class FastExposition:
             for i, lines in enumerate(cached[1]):
                 if lines:
                     families[i].append("".join(lines))
+        if len(cache) > len(self.controller.services):  # a service went away: forget its lines
+            for gone in set(cache) - set(self.controller.services):
+                del cache[gone]
+                self._labels.pop(gone, None)
         out = []
         for (name, kind, doc, _labels), chunks in zip(_FAMILIES, families + [[], [], []]):
             suffix = "_total" if kind == "counter" else ""

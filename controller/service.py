@@ -520,8 +520,9 @@ class Service:
                 self.queued -= 1
                 lease._refuse(Refused(504, "wake timed out", 1.0))
 
-    async def close(self) -> None:
-        """Stop the supervisor and the backend (wakegate is exiting)."""
+    async def close(self, stop_backend: bool = True) -> None:
+        """Stop the supervisor and the backend (wakegate is exiting); without stop_backend, only let
+        go of it (the service went away: there is nothing left to stop)."""
         self._closing = True
         if self._task is not None:
             self._task.cancel()
@@ -531,6 +532,9 @@ class Service:
                 pass
         self._fail_queue(Refused(503, "wakegate is shutting down", 1.0))
         if self.backend is None:
+            return
+        if not stop_backend:
+            await self.backend.close()
             return
         if self.state is READY and not self.backend.exited().done():
             try:

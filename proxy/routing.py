@@ -71,6 +71,21 @@ class Router(Generic[T]):
             for prefix in paths or [b""]:
                 entry.add(prefix, target)
 
+    def remove(self, target: T) -> None:
+        """Forget every host and path that leads to target (a service that went away)."""
+        for table in (self.exact, self._wildcard):
+            for host, entry in list(table.items()):
+                if entry is target:
+                    del table[host]
+                elif type(entry) is _Paths:
+                    entry.prefixes = [(p, t) for p, t in entry.prefixes if t is not target]
+                    if entry.fallback is target:
+                        entry.fallback = None
+                    if not entry.prefixes and entry.fallback is None:
+                        del table[host]
+        if self.default is target:
+            self.default = None
+
     def route(self, host: bytes | None, path: bytes) -> T | None:
         """The target for this request, the default, or None."""
         if host is not None:

@@ -199,6 +199,57 @@ def test_service_with_command(tmp_path):
     assert load(write(tmp_path, GOOD)).services["app"].command == ()
 
 
+LABELS = [
+    # labels (beyond wakegate.enable), the error's words, or None when they make a service
+    ({"wakegate.hosts": "a.test", "wakegate.port": "9001"}, None),
+    ({"wakegate.hosts": "a.test, b.test", "wakegate.upstream": "127.0.0.1:9001", "wakegate.sleep": "stop"}, None),
+    ({"wakegate.hosts": "a.test"}, "container web: label wakegate.port: missing"),
+    ({"wakegate.hosts": "a.test", "wakegate.port": "1", "wakegate.idle_timeout": "soon"},
+     "container web: label wakegate.idle_timeout: expected a duration"),
+    ({"wakegate.hosts": "a.test", "wakegate.port": "1", "wakegate.sleep": "snapshot"},
+     "container web: label wakegate.sleep: expected \"pause\" or \"stop\""),
+    ({"wakegate.hosts": "a.test", "wakegate.port": "1", "wakegate.colour": "red"},
+     "container web: label wakegate.colour: unknown"),
+    ({"wakegate.port": "1"}, "container web: label wakegate.hosts: missing"),
+    ({"wakegate.hosts": "a.test", "wakegate.port": "1", "wakegate.service": "bad name"},
+     "container web: label wakegate.service: service names"),
+    ({"wakegate.hosts": "a.test", "wakegate.port": "1", "wakegate.max_queue": "many"},
+     "container web: label wakegate.max_queue: expected a whole number"),
+]
+
+
+@pytest.mark.parametrize("labels,words", LABELS)
+def test_labels_are_read_as_a_service_table(labels, words):
+    from controller.config import service_from_labels
+
+    labels = {"wakegate.enable": "true", "com.example.other": "ignored", **labels}
+    if words is None:
+        svc = service_from_labels("web", labels, "/run/d.sock")
+        assert svc.name == "web" and svc.docker.container == "web" and svc.docker.socket == "/run/d.sock"
+        assert svc.hosts[0] == "a.test" and svc.upstream.port == 9001
+        return
+    with pytest.raises(ConfigError) as info:
+        service_from_labels("web", labels, "/run/d.sock")
+    assert str(info.value).startswith(words), str(info.value)
+
+
+def test_replicas_are_selected_by_their_service_label():
+    from controller.config import service_from_labels
+
+    svc = service_from_labels("shop-1", {"wakegate.service": "shop", "wakegate.hosts": "s.test", "wakegate.port": "1"},
+                              "/s")
+    assert svc.name == "shop" and svc.docker.container == "" and svc.docker.labels == (("wakegate.service", "shop"),)
+
+
+def test_discovery_settings(tmp_path):
+    config = load(write(tmp_path, '[docker]\ndiscover = true\n'))
+    assert config.discovery.enabled and config.discovery.socket == "/var/run/docker.sock" and config.services == {}
+    with pytest.raises(ConfigError, match=r"docker.socket: expected the absolute path"):
+        load(write(tmp_path, '[docker]\ndiscover = true\nsocket = "d.sock"\n'))
+    with pytest.raises(ConfigError, match=r"docker.discover: expected true or false"):
+        load(write(tmp_path, '[docker]\ndiscover = "yes"\n'))
+
+
 def test_docker_service(tmp_path):
     text = GOOD + '[services.c]\nhosts = ["c.example"]\nupstream = "127.0.0.1:9020"\n' \
         '[services.c.docker]\nlabels = { "com.docker.compose.service" = "web", "com.docker.compose.project" = "p" }\n'

@@ -182,3 +182,65 @@ def test_random_arrivals_across_container_cycles_lose_nothing(engine, start_wake
     assert results and not bad, bad[:5]
     assert s["wakes"] >= 100 or time.monotonic() >= deadline, s
     assert s["failures"] == 0
+
+
+def discovering(engine):
+    return f'[docker]\ndiscover = true\nsocket = "{engine.socket}"\n'
+
+
+def test_labelled_containers_become_services_live_and_go_with_them(engine, start_wakegate):
+    """No service in the TOML: a container labelled wakegate.enable=true appears as a service
+    (replicas sharing wakegate.service are one), wakes on its host, and goes when removed."""
+    port = free_port()
+    w = start_wakegate(discovering(engine))
+    assert admin(w)[1]["services"] == []
+    labels = {"wakegate.enable": "true", "wakegate.service": "shop", "wakegate.hosts": "shop.test,www.shop.test",
+              "wakegate.port": str(port), "wakegate.sleep": "stop", "wakegate.idle_timeout": "1h"}
+    engine.create("shop-1", port, labels)
+    engine.create("shop-2", free_port(), labels)  # a replica: the same service
+    assert wait_for(lambda: [s["name"] for s in admin(w)[1]["services"]] == ["shop"], timeout=5)
+    r = fetch(w.port, "www.shop.test", "/")
+    assert r.status == 200 and r.body == HELLO
+    assert sorted(state(w, "shop")["docker"]["containers"]) == ["shop-1", "shop-2"]
+    assert engine.status("shop-1") == engine.status("shop-2") == "running"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{w.admin_port}/metrics").read().decode()
+    assert 'wakegate_wakes_total{service="shop",mode="stop",result="ok"} 1.0' in metrics
+    engine.run("rm", "-f", "shop-1")
+    time.sleep(0.3)
+    assert [s["name"] for s in admin(w)[1]["services"]] == ["shop"]  # one replica is left
+    engine.run("rm", "-f", "shop-2")
+    assert wait_for(lambda: admin(w)[1]["services"] == [], timeout=5)
+    assert fetch(w.port, "shop.test", "/").status == 404
+    assert "service shop: its containers are gone; removed" in w.output()
+
+
+def test_bad_labels_and_taken_hosts_are_left_out_with_the_container_named(engine, start_wakegate):
+    port = free_port()
+    w = start_wakegate(discovering(engine) + docker_service("web", port, engine))
+    engine.create("typo", free_port(), {"wakegate.enable": "true", "wakegate.hosts": "typo.test",
+                                        "wakegate.port": "1", "wakegate.idle": "5m"})
+    engine.create("thief", free_port(), {"wakegate.enable": "true", "wakegate.hosts": "web.test", "wakegate.port": "2"})
+    assert wait_for(lambda: "container thief: web.test (service web) already routed" in w.output(), timeout=5)
+    assert "container typo: label wakegate.idle: unknown" in w.output()
+    assert [s["name"] for s in admin(w)[1]["services"]] == ["web"]
+
+
+def test_check_names_discovered_containers_and_their_conflicts(engine, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    engine.create("ok-app", free_port(), {"wakegate.enable": "true", "wakegate.hosts": "ok.test", "wakegate.port": "1"})
+    config = tmp_path / "wakegate.toml"
+    config.write_text(discovering(engine))
+    result = subprocess.run([sys.executable, "-m", "controller.cli", "check", "-c", str(config)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "discovered container ok-app: service ok-app, hosts ok.test" in result.stdout
+    engine.create("dup-app", free_port(), {"wakegate.enable": "true", "wakegate.hosts": "ok.test", "wakegate.port": "2"})
+    result = subprocess.run([sys.executable, "-m", "controller.cli", "check", "-c", str(config)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    # containers are taken in name order: dup-app first, so ok-app is the one named as clashing
+    assert "container ok-app: claims ok.test (service dup-app, container dup-app)" in result.stderr, result.stderr

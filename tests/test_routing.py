@@ -46,6 +46,26 @@ def test_route(router, host, path, target):
     assert router.route(host, path) == target
 
 
+REMOVALS = [
+    # removed target, (host, path) that must no longer reach it, what they reach instead
+    ("a-api", (b"a.example", b"/api/users"), "a"),
+    ("a", (b"a.example", b"/"), None),
+    ("b-x", (b"x.b.example", b"/"), "b-any"),
+    ("b-any", (b"y.b.example", b"/"), None),
+    ("c-only", (b"q.c.example", b"/only/x"), None),
+]
+
+
+@pytest.mark.parametrize("removed,request_,now", REMOVALS)
+def test_remove_forgets_a_target_and_leaves_the_others(router, removed, request_, now):
+    before = {(h, p): router.route(h, p) for h, p, _ in ROUTES}
+    router.remove(removed)
+    assert router.route(*request_) == now
+    for (h, p), target in before.items():
+        if target != removed:
+            assert router.route(h, p) == target, (h, p)
+
+
 def test_default(router):
     router.default = "fallback"
     assert router.route(b"unknown", b"/") == "fallback"

@@ -143,6 +143,7 @@ class DockerConfig:
     labels: tuple[tuple[str, str], ...] = ()  # every container with all these labels
     stop_timeout: float = DOCKER_STOP_TIMEOUT
     api_timeout: float = DOCKER_API_TIMEOUT
+    port: int = 0  # the container's port: the upstream is found at each wake (host network or published)
 
     def describe(self) -> str:
         if self.container:
@@ -543,6 +544,7 @@ def _docker(d: _Reader) -> DockerConfig:
         labels=tuple(sorted(labels.items())) if labels else (),
         stop_timeout=d.duration("stop_timeout", DOCKER_STOP_TIMEOUT, allow_zero=True),
         api_timeout=d.duration("api_timeout", DOCKER_API_TIMEOUT),
+        port=d.integer("port", 0, 0, 65535),
     )
 
 
@@ -769,7 +771,11 @@ def _service(r: _Reader, name: str, path: str, hosts_optional: bool = False) -> 
     paths = tuple(_check_path(r, x) for x in r.strings("paths"))
     if not hosts and not hosts_optional:
         raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"]')
-    upstream = r.address("upstream")
+    docker = r.table.get("docker")
+    if not r.has("upstream") and isinstance(docker, dict) and docker.get("port"):
+        upstream = Address("127.0.0.1", 0)  # found at each wake from the container (DockerConfig.port)
+    else:
+        upstream = r.address("upstream")
     lifecycle = _lifecycle(r, path, upstream)
     r.finish()
     return ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream, **lifecycle)
@@ -800,11 +806,9 @@ def service_from_labels(container: str, labels: dict[str, str], socket: str) -> 
         if key in table:
             table[key] = [x.strip() for x in table[key].split(",") if x.strip()]
     port = table.pop("port", None)
-    if "upstream" not in table:
-        if port is None:
-            raise ConfigError(f"{where}: label {LABEL_PREFIX}port: missing; the port the container listens on "
-                              f"(host network), or {LABEL_PREFIX}upstream")
-        table["upstream"] = f"127.0.0.1:{port}"
+    if "upstream" not in table and port is None:
+        raise ConfigError(f"{where}: label {LABEL_PREFIX}port: missing; the port the container listens on "
+                          f"(on the host network, or published), or {LABEL_PREFIX}upstream")
     if "max_queue" in table:
         try:
             table["max_queue"] = int(table["max_queue"])
@@ -814,4 +818,9 @@ def service_from_labels(container: str, labels: dict[str, str], socket: str) -> 
     selector = {"labels": {LABEL_PREFIX + "service": name}} if f"{LABEL_PREFIX}service" in labels \
         else {"container": container}
     table["docker"] = {"socket": socket, **selector}
+    if port is not None and "upstream" not in table:
+        try:
+            table["docker"]["port"] = int(port)
+        except ValueError:
+            raise ConfigError(f"{where}: label {LABEL_PREFIX}port: expected a port number, got {port!r}") from None
     return _service(_Reader(where, table, "label wakegate"), name, where)

@@ -264,6 +264,8 @@ class DockerBackend:
                 paused = [c["Id"] for c in found if c["State"] == "paused"]
                 stopped = [c["Id"] for c in found if c["State"] not in ("paused", "running", "restarting")]
                 await asyncio.gather(self._each("unpause", paused), self._each("start", stopped))
+                if self.cfg.port:
+                    await self._find_upstream(found[0]["Id"])
         except EngineError as exc:
             self.last_error = str(exc)
             raise
@@ -271,6 +273,27 @@ class DockerBackend:
         self.last_resume_seconds = resumed - started
         await probe_until_ready(self.host, self.port, self.ready_path, deadline, self.exited(), ATTEMPT_FIRST)
         self.last_ready_seconds = time.monotonic() - resumed
+
+    async def _find_upstream(self, cid: str) -> None:
+        """Where the container's port is reachable now: itself on the host network, or the host port
+        it is published on (which a start may change). The pool connects there from now on."""
+        info = await self.engine().call("GET", f"/containers/{cid}/json", ok=(200,))
+        port = self.cfg.port
+        if (info.get("HostConfig") or {}).get("NetworkMode") == "host":
+            host, published = "127.0.0.1", port
+        else:
+            bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
+            if not bindings:
+                raise EngineError(f"container {info.get('Name', cid).lstrip('/')}: port {port}/tcp is not published "
+                                  "and it is not on the host network; publish it or set upstream")
+            host = bindings[0].get("HostIp") or "127.0.0.1"
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            published = int(bindings[0]["HostPort"])
+        if (host, published) != (self.host, self.port):
+            log.info("service %s: upstream is %s:%d", self.name, host, published)
+        self.host, self.port = host, published
+        for pool in self.pools:
+            pool.host, pool.port = host, published
 
     async def _resume_known(self) -> bool:
         """The containers wakegate itself paused, unchanged since (no event about them): unpause them
@@ -338,6 +361,7 @@ class DockerBackend:
             "pid": None,
             "docker": {
                 "socket": self.cfg.socket,
+                "upstream": f"{self.host}:{self.port}",
                 "selector": self.cfg.describe(),
                 "containers": sorted(self.containers.values()),
                 "events": bool(self._engine and self._engine.events_connected.is_set()),

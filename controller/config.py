@@ -161,6 +161,7 @@ class OCIConfig:
     container_id: str = ""  # empty: wakegate-<instance>-<service>
     stop_timeout: float = DOCKER_STOP_TIMEOUT
     log: str = ""  # the container's stdout and stderr; empty: discarded
+    runtime_args: tuple[str, ...] = ()  # global flags before every command (runsc: --network=host ...)
 
 
 @dataclass(frozen=True)
@@ -568,7 +569,7 @@ def _oci(o: _Reader, path: str) -> OCIConfig:
     log = o.string("log", "")
     return OCIConfig(bundle=str(folder), runtime=found, root=str(_beside(path, o.string("root", ""))) if o.has("root") else "",
                      container_id=container_id, stop_timeout=o.duration("stop_timeout", DOCKER_STOP_TIMEOUT, allow_zero=True),
-                     log=str(_beside(path, log)) if log else "")
+                     log=str(_beside(path, log)) if log else "", runtime_args=tuple(o.strings("runtime_args")))
 
 
 _WAKE_KEYS = ("cwd", "env", "sleep", "snapshot_policy", "idle_timeout", "wake_timeout", "max_queue", "ready_path",

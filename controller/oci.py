@@ -69,7 +69,7 @@ class OCIBackend:
 
     def _argv(self, *args: str) -> list[str]:
         root = ["--root", self.cfg.root] if self.cfg.root else []
-        return [self.cfg.runtime, *root, *args]
+        return [self.cfg.runtime, *self.cfg.runtime_args, *root, *args]
 
     async def _call(self, *args: str, ok_if: str = "") -> str:
         """Run one runtime command to completion, bounded in time; its stdout, or OCIRuntimeError."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install Debian's Docker Engine (docker.io: dockerd, containerd, runc) without starting it.
+# Install Debian's Docker Engine (docker.io: dockerd, containerd, runc) and gVisor's runsc, without
+# starting anything.
 #
 # wakegate's Docker backend talks to an Engine somebody runs; the tests start their own dockerd on
 # a private socket, data root and exec root (tests/test_docker.py), so the host's daemon is neither
@@ -9,7 +10,8 @@
 #
 # Usage: deploy/docker.sh     prints the path of dockerd, installing it if needed
 set -euo pipefail
-if command -v dockerd >/dev/null && command -v containerd >/dev/null && [ -x /usr/bin/docker ]; then
+if command -v dockerd >/dev/null && command -v containerd >/dev/null && [ -x /usr/bin/docker ] \
+   && command -v runsc >/dev/null; then
   command -v dockerd
   exit 0
 fi
@@ -23,5 +25,5 @@ if [ ! -e "$policy" ]; then
 fi
 trap '[ "$ours" = 1 ] && rm -f "$policy"' EXIT
 apt-get update -qq >/dev/null
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io busybox-static >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io runsc busybox-static >/dev/null
 command -v dockerd

@@ -29,7 +29,13 @@ def runtime_root(tmp_path):
     assert not listed, f"containers left behind: {listed}"
 
 
-def oci_service(name, port, bundle, root, sleep="stop", idle="1h"):
+RUNSC = shutil.which("runsc")
+# runsc (gVisor) needs the host's network and no cgroup of its own here (README, "OCI bundles").
+RUNSC_ARGS = '["--network=host", "--ignore-cgroups"]'
+
+
+def oci_service(name, port, bundle, root, sleep="stop", idle="1h", runtime="runc"):
+    extra = f'runtime = "{runtime}"\nruntime_args = {RUNSC_ARGS}\n' if runtime == "runsc" else ""
     return f"""
 [services.{name}]
 hosts = ["{name}.test"]
@@ -41,31 +47,34 @@ wake_timeout = "10s"
 bundle = "{bundle}"
 root = "{root}"
 stop_timeout = "1s"
-"""
+{extra}"""
 
 
-def runc_state(root, cid):
-    out = subprocess.run([RUNC, "--root", str(root), "state", cid], capture_output=True, text=True)
+def runc_state(root, cid, runtime="runc"):
+    argv = [RUNC] if runtime == "runc" else [RUNSC, "--network=host", "--ignore-cgroups"]
+    out = subprocess.run([*argv, "--root", str(root), "state", cid], capture_output=True, text=True)
     return json.loads(out.stdout)["status"] if out.returncode == 0 else None
 
 
+@pytest.mark.parametrize("runtime", ["runc", pytest.param("runsc", marks=pytest.mark.skipif(
+    not RUNSC, reason="needs runsc (apt-get install runsc)"))])
 @pytest.mark.parametrize("sleep,asleep", [("pause", "paused"), ("stop", None)])
 def test_a_request_runs_the_bundle_and_a_sleep_pauses_or_ends_it(tmp_path, runtime_root, start_wakegate,
-                                                                  sleep, asleep):
+                                                                  sleep, asleep, runtime):
     port = free_port()
     bundle = make_bundle(tmp_path / "bundle", port)
-    w = start_wakegate(oci_service("box", port, bundle, runtime_root, sleep=sleep))
+    w = start_wakegate(oci_service("box", port, bundle, runtime_root, sleep=sleep, runtime=runtime))
     r = fetch(w.port, "box.test", "/")
     assert r.status == 200 and r.body == HELLO
     cid = state(w, "box")["oci"]["id"]
-    assert runc_state(runtime_root, cid) == "running"
+    assert runc_state(runtime_root, cid, runtime) == "running"
     admin(w, "POST", "/services/box/sleep")
     wait_state(w, "box", "asleep")
-    assert runc_state(runtime_root, cid) == asleep
+    assert runc_state(runtime_root, cid, runtime) == asleep
     r = fetch(w.port, "box.test", "/")
-    assert r.status == 200 and r.body == HELLO and runc_state(runtime_root, cid) == "running"
+    assert r.status == 200 and r.body == HELLO and runc_state(runtime_root, cid, runtime) == "running"
     w.stop()  # wakegate's exit ends the container
-    assert runc_state(runtime_root, cid) is None
+    assert runc_state(runtime_root, cid, runtime) is None
 
 
 def test_a_container_killed_from_outside_is_noticed_and_run_again(tmp_path, runtime_root, start_wakegate):

@@ -5,12 +5,13 @@ by `docker import` from a busybox rootfs made here. Nothing is pulled.
 Needs Debian's docker.io (`make docker`, run by `make test`); skipped with the reason without it.
 """
 
+import json
 import time
 import urllib.request
 
 import pytest
 
-from bench.engine import HELLO, PrivateEngine, unavailable
+from bench.engine import HELLO, IMAGE, PrivateEngine, unavailable
 
 from .conftest import free_port
 from .test_controller import admin, fetch, state, wait_state
@@ -264,3 +265,31 @@ stop_timeout = "0s"
     r = fetch(w.port, "found.test", "/")
     assert r.status == 200 and r.body == HELLO
     assert state(w, "found")["docker"]["upstream"] == f"127.0.0.1:{port}"
+
+
+def test_the_upstream_can_come_from_a_published_port(engine, start_wakegate):
+    """A container on a bridge network of its own, its port published on an ephemeral host port
+    (docker-proxy; no iptables): wakegate reads the binding after each start."""
+    engine.run("network", "create", "--driver", "bridge", "--subnet", "172.31.251.0/24", "wg-published")
+    try:
+        engine.run("create", "--name", "published", "--network", "wg-published", "-p", "127.0.0.1::8080", IMAGE,
+                   "/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www")
+        w = start_wakegate(f"""
+[services.published]
+hosts = ["published.test"]
+sleep = "stop"
+[services.published.docker]
+socket = "{engine.socket}"
+container = "published"
+port = 8080
+stop_timeout = "0s"
+""")
+        r = fetch(w.port, "published.test", "/")
+        assert r.status == 200 and r.body == HELLO
+        ports = json.loads(engine.run("inspect", "published").stdout)[0]["NetworkSettings"]["Ports"]
+        host_port = ports["8080/tcp"][0]["HostPort"]
+        assert state(w, "published")["docker"]["upstream"] == f"127.0.0.1:{host_port}"
+        w.stop()
+        engine.remove_all()
+    finally:
+        engine.run("network", "rm", "wg-published", check=False)

@@ -57,13 +57,12 @@ class OCIBackend:
         # The container id: unique per wakegate instance and service, so two wakegates never share one.
         self.id = cfg.container_id or f"wakegate-{instance}-{name}"
         self.logfile = Path(cfg.log) if cfg.log else None
-        self.proc: subprocess.Popen | None = None  # the runtime, in the foreground of the container
+        self.proc: subprocess.Popen | _Adopted | None = None  # the runtime in the container's foreground
         self.paused = False
         self.last_resume_seconds: float | None = None
         self.last_ready_seconds: float | None = None
         self._exited: asyncio.Future | None = None
         self._stop = SharedStop()
-        self._cleared = False  # a container of this id left by an earlier wakegate was deleted
 
     # ---- the runtime's CLI ----
 
@@ -99,14 +98,28 @@ class OCIBackend:
             raise
         return orjson.loads(out)
 
-    async def _clear_leftover(self) -> None:
-        """A container of our id that no process of ours runs: an earlier wakegate's. Delete it."""
-        if self._cleared:
-            return
-        if await self.state() is not None and self.proc is None:
-            log.warning("service %s: deleting container %s left by an earlier wakegate", self.name, self.id)
-            await self._call("delete", "--force", self.id, ok_if="does not exist")
-        self._cleared = True
+    async def _take_over(self) -> bool:
+        """A container of our id that no process of ours runs: started by hand, or left by a wakegate
+        that died. Running or paused, it counts as awake and is adopted (its exit watched through a
+        pidfd); stopped, it is deleted so that a fresh one can run. True when adopted."""
+        found = await self.state()
+        if found is None:
+            return False
+        status, pid = found.get("status"), int(found.get("pid") or 0)
+        if status in ("running", "paused") and pid > 0:
+            if status == "paused":
+                await self._call("resume", self.id)
+            log.warning("service %s: container %s was started outside wakegate (pid %d): adopted",
+                        self.name, self.id, pid)
+            self.proc = adopted = _Adopted(pid)
+            self.paused = False
+            loop = asyncio.get_running_loop()
+            self._exited = exited = loop.create_future()
+            adopted.watch(exited, loop)
+            return True
+        log.warning("service %s: deleting container %s (%s) left outside wakegate", self.name, self.id, status)
+        await self._call("delete", "--force", self.id, ok_if="does not exist")
+        return False
 
     # ---- what Service asks ----
 
@@ -127,8 +140,7 @@ class OCIBackend:
         if self.running and self.paused:
             await self._call("resume", self.id)
             self.paused = False
-        elif not self.running:
-            await self._clear_leftover()
+        elif not self.running and not await self._take_over():
             self._run()
         self.last_resume_seconds = time.monotonic() - started
         resumed = time.monotonic()
@@ -190,7 +202,7 @@ class OCIBackend:
                     break
                 except asyncio.TimeoutError:
                     continue
-            if proc.poll() is None:  # the runtime itself hangs: end it; the container is deleted below
+            if proc.poll() is None and not isinstance(proc, _Adopted):  # the runtime hangs: end it; delete below
                 os.killpg(proc.pid, signal.SIGKILL)
                 await asyncio.shield(exited)
             await self._call("delete", "--force", self.id, ok_if="does not exist")
@@ -218,3 +230,40 @@ class OCIBackend:
 
     async def close(self) -> None:
         """Nothing outlives the service."""
+
+
+class _Adopted:
+    """A container process wakegate did not start (not its child): alive or not, and its exit
+    through a pidfd, which Linux makes readable when any process exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "X"
+            if state in ("Z", "X"):
+                self.returncode = 0
+        return self.returncode
+
+    def watch(self, exited: asyncio.Future, loop) -> None:
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # gone already
+            self.returncode = 0
+            exited.set_result(0)
+            return
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self.returncode = 0
+            if not exited.done():
+                exited.set_result(0)
+
+        loop.add_reader(pidfd, readable)
+

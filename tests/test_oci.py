@@ -103,7 +103,37 @@ def test_a_container_left_by_an_earlier_wakegate_is_replaced(tmp_path, runtime_r
     w.restart()
     r = fetch(w.port, "box.test", "/")
     assert r.status == 200 and r.body == HELLO
-    assert "left by an earlier wakegate" in w.output() and runc_state(runtime_root, cid) == "running"
+    assert "(stopped) left outside wakegate" in w.output() and runc_state(runtime_root, cid) == "running"
+
+
+def test_a_container_started_by_hand_is_adopted_as_awake(tmp_path, runtime_root, start_wakegate):
+    """The runtime has no events: a container of the service's id that someone ran is found at the
+    next request and used as it is (no second run), its exit watched; a sleep then acts on it."""
+    port = free_port()
+    bundle = make_bundle(tmp_path / "bundle", port)
+    w = start_wakegate(oci_service("box", port, bundle, runtime_root, sleep="pause"))
+    cid = state(w, "box")["oci"]["id"]
+    by_hand = subprocess.Popen([RUNC, "--root", str(runtime_root), "run", "--bundle", str(bundle), cid],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while runc_state(runtime_root, cid) != "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = json.loads(subprocess.run([RUNC, "--root", str(runtime_root), "state", cid], capture_output=True,
+                                        text=True).stdout)["pid"]
+        r = fetch(w.port, "box.test", "/")
+        assert r.status == 200 and r.body == HELLO
+        assert "was started outside wakegate" in w.output() and state(w, "box")["pid"] == pid
+        admin(w, "POST", "/services/box/sleep")
+        wait_state(w, "box", "asleep")
+        assert runc_state(runtime_root, cid) == "paused"
+        assert fetch(w.port, "box.test", "/").status == 200
+        subprocess.run([RUNC, "--root", str(runtime_root), "kill", cid, "KILL"], check=True)
+        wait_state(w, "box", "asleep", timeout=5)  # its exit is noticed through the pidfd
+    finally:
+        by_hand.wait(10)
 
 
 @pytest.mark.parametrize("sleep", ["pause", "stop"])

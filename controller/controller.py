@@ -77,7 +77,7 @@ class Controller:
         service = self.services.pop(name, None)
         if service is not None:
             self.holding.discard(service)
-            await service.close(stop_backend=False)
+            await service.close(stop_backend=False, reason="the service went away (its containers were removed)")
 
     def reap_leftovers(self) -> int:
         """Kill what an earlier wakegate with this proxy listener left behind. Call it only once the

@@ -520,7 +520,7 @@ class Service:
                 self.queued -= 1
                 lease._refuse(Refused(504, "wake timed out", 1.0))
 
-    async def close(self, stop_backend: bool = True) -> None:
+    async def close(self, stop_backend: bool = True, reason: str = "wakegate is shutting down") -> None:
         """Stop the supervisor and the backend (wakegate is exiting); without stop_backend, only let
         go of it (the service went away: there is nothing left to stop)."""
         self._closing = True
@@ -530,7 +530,7 @@ class Service:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._fail_queue(Refused(503, "wakegate is shutting down", 1.0))
+        self._fail_queue(Refused(503, reason, 1.0))
         if self.backend is None:
             return
         if not stop_backend:

@@ -41,11 +41,14 @@ class PrivateEngine:
         # Short paths: containerd's sockets live under the exec root, and a Unix socket path has 108 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="wgd-", dir="/tmp"))
         self.socket = self.root / "docker.sock"
+        # The containers' cgroups go under a parent of our own (not the host's "docker"), removed in close().
+        self.cgroup_parent = f"wakegate-test-{self.root.name}"
         self.log = open(self.root / "dockerd.log", "wb")
         self.proc = subprocess.Popen(
             [DOCKERD, "-H", f"unix://{self.socket}", "--data-root", str(self.root / "data"),
              "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "docker.pid"),
              "--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-forward=false", "--ip-masq=false",
+             "--cgroup-parent", self.cgroup_parent,
              "--log-level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -114,7 +117,14 @@ class PrivateEngine:
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", mount], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        groups = [g for g in Path("/sys/fs/cgroup").glob(f"*/{self.cgroup_parent}")]
+        for group in groups:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
         assert not left, f"processes of the test Engine left behind: {left}"
+        assert not [g for g in groups if g.exists()], "cgroups of the test Engine left behind"
         assert not self.mounts() and not self.root.exists(), f"mounts left behind: {self.mounts()}"
 
     def mounts(self) -> list[str]:

@@ -190,10 +190,7 @@ class MicroVMBackend:
         if self.vmstate.exists():
             log.warning("service %s: discarding snapshot %s: %s", self.name, self.vmstate, why)
         for path in (self.meta, self.vmstate, self.ram):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            path.unlink(missing_ok=True)
 
     def footprint(self):
         """The snapshot's size on disk and in memory (0, 0 without a usable record)."""
@@ -300,7 +297,7 @@ class MicroVMBackend:
     async def _boot(self) -> None:
         """A cold boot; a snapshot-mode VM with the ram-file layout gets a fresh RAM file it shares."""
         if self.layout == LAYOUT_RAM_FILE:
-            _unlink(self.live_ram)
+            self.live_ram.unlink(missing_ok=True)
             self.vmm = await self._launch(self.machine_args(), ram=self.live_ram, shared=True)
         else:
             self.vmm = await self._launch(self.machine_args())
@@ -337,7 +334,7 @@ class MicroVMBackend:
         if meta["layout"] == LAYOUT_RAM_FILE and vmm.ram_file is not None:
             # Stateful: this VM now owns the RAM file and will change it, so the snapshot is
             # consumed; a crash from here boots cold rather than restore a half-changed file.
-            _unlink(self.meta)
+            self.meta.unlink(missing_ok=True)
             self.ram.replace(self.live_ram)
             vmm.ram_file = self.live_ram
         try:
@@ -383,7 +380,7 @@ class MicroVMBackend:
             argv[argv.index("-M") + 1] = f"microvm,memory-backend={RAM_ID}"
         except (ValueError, IndexError):
             raise RestoreFailed("its record names no machine (-M)") from None
-        _unlink(self.live_ram)
+        self.live_ram.unlink(missing_ok=True)
         fd = os.open(self.vmstate, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.vmm = await self._launch(argv, ram=self.live_ram, shared=True, incoming_fd=fd)
@@ -428,7 +425,7 @@ class MicroVMBackend:
                     raise RuntimeError(f"snapshot not written after {SAVE_TIMEOUT:.0f}s")
                 await asyncio.sleep(SAVE_POLL)
         except BaseException as exc:
-            _unlink(partial)
+            partial.unlink(missing_ok=True)
             if self.running and not isinstance(exc, QMPError):
                 try:
                     await qmp.execute("cont")
@@ -438,11 +435,11 @@ class MicroVMBackend:
         seconds = time.monotonic() - started
         argv = vmm.argv
         await self._quit()  # nothing writes the RAM file any more
-        _unlink(self.meta)
+        self.meta.unlink(missing_ok=True)
         if ram_file is not None:
             ram_file.replace(self.ram)
         else:
-            _unlink(self.ram)  # a stream replaces a ram-file snapshot whole
+            self.ram.unlink(missing_ok=True)  # a stream replaces a ram-file snapshot whole
         partial.replace(self.vmstate)
         disk, _ = footprint((self.vmstate, self.ram))
         meta = {"fingerprint": self.fingerprint(), "argv": argv,
@@ -634,13 +631,6 @@ class MicroVMBackend:
         if standby is not None:
             await self._quit(standby)
         await self._quit()
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _kill(proc: subprocess.Popen) -> None:

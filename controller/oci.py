@@ -115,7 +115,7 @@ class OCIBackend:
             self.paused = False
             loop = asyncio.get_running_loop()
             self._exited = exited = loop.create_future()
-            adopted.watch(exited, loop)
+            watch_exit(adopted, exited, loop)  # a pidfd works for any process, not only children
             return True
         log.warning("service %s: deleting container %s (%s) left outside wakegate", self.name, self.id, status)
         await self._call("delete", "--force", self.id, ok_if="does not exist")
@@ -233,8 +233,8 @@ class OCIBackend:
 
 
 class _Adopted:
-    """A container process wakegate did not start (not its child): alive or not, and its exit
-    through a pidfd, which Linux makes readable when any process exits."""
+    """A container process wakegate did not start (not its child): what watch_exit and the stop
+    path need of a Popen (pid, poll, returncode), read from /proc."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -249,21 +249,3 @@ class _Adopted:
             if state in ("Z", "X"):
                 self.returncode = 0
         return self.returncode
-
-    def watch(self, exited: asyncio.Future, loop) -> None:
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except OSError:  # gone already
-            self.returncode = 0
-            exited.set_result(0)
-            return
-
-        def readable() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            self.returncode = 0
-            if not exited.done():
-                exited.set_result(0)
-
-        loop.add_reader(pidfd, readable)
-

@@ -422,3 +422,36 @@ def no_leaks(request, monkeypatch):
         problems.append(f"left in an event loop at its end: {'; '.join(left_in_loops)}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+def random_arrivals(port: int, host: str, wakes, seconds: float, pauses, path: str = "/",
+                    timeout: float = 30) -> list:
+    """Two clients sending GET path at random intervals (pauses: the choices, seconds) around a
+    service's idle timeout, on keep-alive connections that are now and then replaced by fresh ones,
+    until wakes() reaches 100 or seconds pass. Every (status, body) in the order received."""
+    import random
+    import threading
+
+    deadline = time.monotonic() + seconds
+    results, lock = [], threading.Lock()
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    def worker(seed):
+        r = random.Random(seed)
+        c = Client(port, timeout=timeout)
+        while time.monotonic() < deadline and wakes() < 100:
+            if r.random() < 0.3:
+                c.close()
+                c = Client(port, timeout=timeout)
+            response = c.request(request)
+            with lock:
+                results.append((response.status, response.body))
+            time.sleep(r.choice(pauses))
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

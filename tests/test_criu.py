@@ -4,12 +4,10 @@ Needs CRIU >= 4.2 (`make criu`, run by `make test`); skipped with the reason whe
 
 import json
 import os
-import random
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 
 from controller.criu import find_criu
 
-from .conftest import ROOT, Client, free_port
+from .conftest import ROOT, free_port, random_arrivals
 from .test_controller import admin, alive, fetch, state, wait_state
 
 CRIU, WHY = find_criu()
@@ -203,27 +201,8 @@ def test_random_arrivals_across_snapshot_cycles_lose_nothing(start_wakegate, tmp
     """Bounded: 100 sleep/wake cycles or 60 s, two clients at random intervals around the idle timeout."""
     w = start_wakegate(snapshot_service("soak", free_port(), tmp_path, policy, idle="50ms"))
     deadline = time.monotonic() + 60
-    results = []
-    lock = threading.Lock()
-
-    def worker(seed):
-        r = random.Random(seed)
-        c = Client(w.port, timeout=30)
-        while time.monotonic() < deadline and state(w, "soak")["wakes"] < 100:
-            if r.random() < 0.3:
-                c.close()
-                c = Client(w.port, timeout=30)
-            response = c.request(b"GET / HTTP/1.1\r\nHost: soak.test\r\n\r\n")
-            with lock:
-                results.append(response.status)
-            time.sleep(r.choice([0, 0.01, 0.05, 0.08, 0.12, 0.15]))
-        c.close()
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = [status for status, _ in random_arrivals(w.port, "soak.test", lambda: state(w, "soak")["wakes"], 60,
+                                                       [0, 0.01, 0.05, 0.08, 0.12, 0.15])]
     s = state(w, "soak")
     assert results and all(code == 200 for code in results), {c: results.count(c) for c in set(results)}
     assert s["wakes"] >= 100 or time.monotonic() >= deadline, s

@@ -150,35 +150,14 @@ def test_an_unreachable_engine_answers_503_at_once(start_wakegate):
 def test_random_arrivals_across_container_cycles_lose_nothing(engine, start_wakegate, sleep):
     """Bounded: 100 sleep/wake cycles or 60 s, two clients at random intervals around the idle
     timeout, keep-alive and fresh connections; every request is answered by the container."""
-    import random
-    import threading
-
-    from .conftest import Client
+    from .conftest import random_arrivals
 
     port = free_port()
     engine.create("soak", port)
     w = start_wakegate(docker_service("soak", port, engine, sleep=sleep, idle="50ms"))
     deadline = time.monotonic() + 60
-    results, lock = [], threading.Lock()
-
-    def worker(seed):
-        r = random.Random(seed)
-        c = Client(w.port, timeout=30)
-        while time.monotonic() < deadline and state(w, "soak")["wakes"] < 100:
-            if r.random() < 0.3:
-                c.close()
-                c = Client(w.port, timeout=30)
-            response = c.request(b"GET / HTTP/1.1\r\nHost: soak.test\r\n\r\n")
-            with lock:
-                results.append((response.status, response.body))
-            time.sleep(r.choice([0, 0.01, 0.04, 0.06, 0.1, 0.15]))
-        c.close()
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = random_arrivals(w.port, "soak.test", lambda: state(w, "soak")["wakes"], 60,
+                              [0, 0.01, 0.04, 0.06, 0.1, 0.15])
     s = state(w, "soak")
     bad = [r for r in results if r != (200, HELLO)]
     assert results and not bad, bad[:5]

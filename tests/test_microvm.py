@@ -305,33 +305,14 @@ def test_without_standby_no_qemu_runs_while_asleep(built_guest, tmp_path, start_
 def test_random_arrivals_across_vm_snapshot_cycles_lose_nothing(built_guest, tmp_path, start_wakegate, policy):  # noqa: F811
     """Bounded: 100 sleep/wake cycles or 120 s, two clients at random intervals around the idle
     timeout, keep-alive and fresh connections; every request is answered by the guest."""
-    import random
-    import threading
+    from .conftest import random_arrivals
 
     port = free_port()
     w = start_wakegate(vm_config(built_guest, tmp_path, port, policy=policy, idle="100ms"))
     assert get(w).body == HELLO  # the first (cold) boot, outside the clock
     deadline = time.monotonic() + 120
-    results, lock = [], threading.Lock()
-
-    def worker(seed):
-        r = random.Random(seed)
-        c = Client(w.port, timeout=WAIT)
-        while time.monotonic() < deadline and service(w)["wakes"] < 100:
-            if r.random() < 0.3:
-                c.close()
-                c = Client(w.port, timeout=WAIT)
-            response = c.request(b"GET / HTTP/1.1\r\nHost: vm.example\r\n\r\n")
-            with lock:
-                results.append((response.status, response.body))
-            time.sleep(r.choice([0, 0.02, 0.08, 0.12, 0.2, 0.3]))
-        c.close()
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = random_arrivals(w.port, "vm.example", lambda: service(w)["wakes"], 120,
+                              [0, 0.02, 0.08, 0.12, 0.2, 0.3], timeout=WAIT)
     s = service(w)
     bad = [r for r in results if r != (200, HELLO)]
     assert results and not bad, bad[:5]

@@ -140,38 +140,18 @@ def test_a_container_started_by_hand_is_adopted_as_awake(tmp_path, runtime_root,
 def test_random_arrivals_across_container_cycles_lose_nothing(tmp_path, runtime_root, start_wakegate, sleep):
     """Bounded: 100 sleep/wake cycles or 60 s, two clients at random intervals around the idle
     timeout, keep-alive and fresh connections; every request is answered by the container."""
-    import random
-    import threading
     import time
 
-    from .conftest import Client
+    from .conftest import random_arrivals
 
     port = free_port()
     bundle = make_bundle(tmp_path / "bundle", port)
     w = start_wakegate(oci_service("soak", port, bundle, runtime_root, sleep=sleep, idle="50ms"))
-    deadline = time.monotonic() + 60
-    results, lock = [], threading.Lock()
-
-    def worker(seed):
-        r = random.Random(seed)
-        c = Client(w.port, timeout=30)
-        while time.monotonic() < deadline and state(w, "soak")["wakes"] < 100:
-            if r.random() < 0.3:
-                c.close()
-                c = Client(w.port, timeout=30)
-            response = c.request(b"GET / HTTP/1.1\r\nHost: soak.test\r\n\r\n")
-            with lock:
-                results.append((response.status, response.body))
-            time.sleep(r.choice([0, 0.01, 0.04, 0.06, 0.1, 0.15]))
-        c.close()
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    started = time.monotonic()
+    results = random_arrivals(w.port, "soak.test", lambda: state(w, "soak")["wakes"], 60,
+                              [0, 0.01, 0.04, 0.06, 0.1, 0.15])
     s = state(w, "soak")
     bad = [r for r in results if r != (200, HELLO)]
     assert results and not bad, bad[:5]
-    assert s["wakes"] >= 100 or time.monotonic() >= deadline, s
+    assert s["wakes"] >= 100 or time.monotonic() >= started + 60, s
     assert s["failures"] == 0

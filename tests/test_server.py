@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import struct
 import threading
 import time
@@ -14,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import Backend, Client, ScriptedOrigin, Wakegate, free_port
+from .conftest import Client, ScriptedOrigin, Wakegate, free_port
 
 
 def config_for(backend_port: int, extra_proxy: str = "", extra: str = "") -> str:

@@ -82,7 +82,7 @@ async def serve(config) -> int:
     router, routes = build_router(config)
     controller = Controller(config, {name: route.pool for name, route in routes.items()})
     for name, route in routes.items():
-        route.service = controller.services[name]
+        route.service = controller.services[name].gate
     server = ProxyServer(config.proxy, router, loop)
     server.server_timing = config.log.server_timing
     server.measure = config.metrics.enabled

@@ -11,12 +11,19 @@ import importlib
 import logging
 import time
 
+from proxy.board import local_board
+
 from .backends import instance_name, reap_leftovers
 from .service import READY, Backend, Service
 
 log = logging.getLogger("wakegate.controller")
 
 EXPIRE_TICK_MAX = 0.1  # how often held requests are checked against wake_timeout, at most
+MIN_SLOTS = 1024  # board slots at start, or twice the configured services: room for discovery and reloads
+
+
+def board_slots(config) -> int:
+    return max(MIN_SLOTS, 2 * len(config.services))
 
 
 # Which backend runs a service: the first row whose config table the service has. A new backend is
@@ -40,13 +47,18 @@ def make_backend(svc, instance: str = "default") -> Backend | None:
 
 
 class Controller:
-    def __init__(self, config, pools: dict) -> None:
-        """pools: service name -> the proxy's UpstreamPool for it."""
+    def __init__(self, config, pools: dict, board=None, local_worker: int | None = 0) -> None:
+        """pools: service name -> the proxy's UpstreamPool for it (one process: the proxy's own).
+        board: the shared board (proxy/board.py); local_worker: this process's column on it when it
+        proxies requests itself, None when separate worker processes do."""
         self.config = config
         listen = config.proxy.listen
         self.instance = instance_name(listen.host, listen.port)
+        self.board = board if board is not None else local_board(board_slots(config))
+        self.local_worker = local_worker
+        self.free_slots = list(range(self.board.slots - 1, -1, -1))  # pop() takes the lowest
         self.services: dict[str, Service] = {}
-        self.holding: set[Service] = set()  # services with held requests: all the expiry tick visits
+        self.holding: set = set()  # this process's gates with held requests: all the expiry tick visits
         for name, svc in config.services.items():
             self.services[name] = self._service(svc, pools.get(name))
         timeouts = [s.wake_timeout for s in self.services.values()] or [1.0]
@@ -57,10 +69,15 @@ class Controller:
         backend = make_backend(svc, self.instance)
         if backend is not None and pool is not None:
             backend.pools = [pool]
+        if not self.free_slots:
+            raise RuntimeError(f"no board slot left for service {svc.name} ({self.board.slots} in use): "
+                               "restart wakegate to make room")
         service = Service(svc.name, backend, idle_timeout=svc.idle_timeout if backend is not None else None,
                           wake_timeout=svc.wake_timeout, max_queue=svc.max_queue,
-                          pools=[pool] if pool is not None else [])
-        service.holding = self.holding
+                          pools=[pool] if pool is not None else [], board=self.board, slot=self.free_slots.pop(),
+                          local_worker=self.local_worker)
+        if service.gate is not None:
+            service.gate.holding = self.holding
         return service
 
     def add_service(self, svc, pool) -> Service:
@@ -76,8 +93,9 @@ class Controller:
         acting on what is already gone."""
         service = self.services.pop(name, None)
         if service is not None:
-            self.holding.discard(service)
+            self.holding.discard(service.gate)
             await service.close(stop_backend=False, reason="the service went away (its containers were removed)")
+            self.free_slots.append(service.slot)
 
     def reap_leftovers(self) -> int:
         """Kill what an earlier wakegate with this proxy listener left behind. Call it only once the
@@ -93,10 +111,10 @@ class Controller:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for service in list(self.holding):
-            service.expire_held(now)
-            if not service.queue:
-                self.holding.discard(service)
+        for gate in list(self.holding):
+            gate.expire(now)
+            if not gate.queue:
+                self.holding.discard(gate)
         self._ticker = asyncio.get_running_loop().call_later(self.tick, self._expire)
 
     def snapshot(self) -> list[dict]:

@@ -56,7 +56,7 @@ class LiveServices:
 
         route = make_route(self.config, svc)
         service = self.controller.add_service(svc, route.pool)
-        route.service = service
+        route.service = service.gate
         self.routes[svc.name] = route
         self._claim(svc)
         self.router.add(svc.hosts, svc.paths, route)

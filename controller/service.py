@@ -11,18 +11,19 @@ itself after a failure, so a wake never overlaps a stop. An exception inside it 
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import logging
 import time
 from typing import Callable, NamedTuple, Protocol
 
+from proxy import board as published
+from proxy.gate import Gate
 from proxy.metrics import Histogram
 from proxy.seam import Refused
 
 log = logging.getLogger("wakegate.controller")
 
-MAX_QUEUE = 10_000  # held requests per service; Knative activator's queue depth
+MAX_QUEUE = 10_000  # held requests per service, across all workers; Knative activator's queue depth
 FAILED_BACKOFF_MIN = 1.0  # first backoff after a failed wake, seconds; doubles per failure
 FAILED_BACKOFF_MAX = 30.0  # ceiling of that backoff; Kubernetes' CrashLoopBackOff starts at 10 s, caps at 5 min
 STABLE_SECONDS = 60.0  # a backend that ran this long before exiting did not crash-loop; Kubernetes resets its
@@ -43,6 +44,9 @@ class State(enum.Enum):
 
 
 ASLEEP, WAKING, READY, SLEEPING, FAILED = State.ASLEEP, State.WAKING, State.READY, State.SLEEPING, State.FAILED
+# What the board publishes for each state (proxy/board.py): workers read these codes.
+PUBLISHED = {ASLEEP: published.ASLEEP, WAKING: published.WAKING, READY: published.READY,
+             SLEEPING: published.SLEEPING, FAILED: published.FAILED}
 
 # Every transition of the life cycle, in one place: state -> {event: next state}.
 SERVICE_TRANSITIONS: dict[State, dict[str, State]] = {
@@ -116,87 +120,13 @@ class Backend(Protocol):
         connection and events stream). Most backends hold nothing."""
 
 
-# Lease states
-L_HELD, L_GRANTED, L_REFUSED, L_RELEASED, L_CANCELLED = range(5)
-
-
-class Lease:
-    """One request's claim on a service: granted at once when READY, else held in its queue.
-
-    ``granted`` is true when the request may go upstream now. A held lease calls
-    ``on_ready(lease)`` later, once granted or refused (see ``refused``).
-    ``await lease`` works too. ``release()`` must be called exactly once, after
-    the response (or after a refusal, where it does nothing).
-    """
-
-    __slots__ = ("service", "status", "refused", "on_ready", "held_at", "granted_at", "tunnel")
-
-    def __init__(self, service: "Service", status: int) -> None:
-        self.service = service
-        self.status = status
-        self.refused: Refused | None = None
-        self.on_ready: Callable[["Lease"], None] | None = None
-        self.held_at = 0.0
-        self.granted_at = 0.0
-        self.tunnel = False
-
-    @property
-    def granted(self) -> bool:
-        return self.status == L_GRANTED
-
-    @property
-    def held(self) -> bool:
-        return self.status == L_HELD
-
-    def _grant(self) -> None:
-        self.status = L_GRANTED
-        self.granted_at = time.monotonic()
-        self.service.in_flight += 1
-        if self.on_ready is not None:
-            self.on_ready(self)
-
-    def _refuse(self, refused: Refused) -> None:
-        self.status = L_REFUSED
-        self.refused = refused
-        if self.on_ready is not None:
-            self.on_ready(self)
-
-    def release(self) -> None:
-        """The request is over. Held leases are withdrawn from the queue."""
-        status = self.status
-        if status == L_GRANTED:
-            self.status = L_RELEASED
-            service = self.service
-            service.in_flight -= 1
-            if self.tunnel:
-                service.tunnels -= 1
-            if service.in_flight == 0:
-                service.idle_since = time.monotonic()
-        elif status == L_HELD:
-            self.status = L_CANCELLED  # the queue skips it when releasing
-            self.service.queued -= 1
-
-    def open_tunnel(self) -> None:
-        """The request became an Upgrade tunnel: it keeps the service awake until released."""
-        if self.status == L_GRANTED and not self.tunnel:
-            self.tunnel = True
-            self.service.tunnels += 1
-
-    def __await__(self):
-        if self.status == L_HELD:
-            future = asyncio.get_running_loop().create_future()
-            self.on_ready = lambda lease: future.done() or future.set_result(None)
-            yield from future.__await__()
-        if self.status == L_REFUSED:
-            raise self.refused
-        return self
-
-
 class Service:
-    """A service's state, its held requests and its supervisor; the single writer of state."""
+    """A service's state and its supervisor, the single writer of that state, which it publishes
+    on the board (proxy/board.py); the proxy's gates read it there and ask for wakes."""
 
     def __init__(self, name: str, backend: Backend | None, *, idle_timeout: float | None, wake_timeout: float,
-                 max_queue: int = MAX_QUEUE, pools=(), on_state: Callable | None = None) -> None:
+                 max_queue: int = MAX_QUEUE, pools=(), on_state: Callable | None = None,
+                 board=None, slot: int = 0, local_worker: int | None = 0) -> None:
         self.name = name
         self.backend = backend  # None: always up, nothing to wake
         self.idle_timeout = idle_timeout
@@ -204,13 +134,19 @@ class Service:
         self.max_queue = max_queue
         self.pools = list(pools)  # upstream pools to flush when the process goes away
         self.on_state = on_state  # observer (metrics, logs); never writes state
-        self.holding: set | None = None  # the controller's set of services with held requests
-        self.state = READY if backend is None else ASLEEP
-        self.queue: collections.deque[Lease] = collections.deque()
-        self.queued = 0  # live leases in the queue (cancelled ones are skipped)
-        self.in_flight = 0
-        self.tunnels = 0
-        self.idle_since = time.monotonic()
+        self.board = board if board is not None else published.local_board(1)
+        self.slot = slot
+        self.board.clear(slot)
+        # Who hears the answer to a wake: callables (service, refused or None). The local gate's
+        # answer is one; the controller adds one that tells every worker process.
+        self.listeners: list[Callable] = []
+        self.gate: Gate | None = None  # this process's own gate (one process: the proxy's seam)
+        if local_worker is not None:
+            self.gate = Gate(name, self.board, slot, local_worker, max_queue=max_queue, wake_timeout=wake_timeout,
+                             ask=lambda gate: self.ask())
+            self.listeners.append(lambda service, refused: self.gate.answer(refused))
+        self.state = ASLEEP
+        self.wanted = False  # a gate holds requests and asked for a wake that has not been answered
         self.ready_since = 0.0
         self.wakes = 0
         self.sleeps = 0
@@ -221,42 +157,81 @@ class Service:
         self.wake_seconds = Histogram()  # decision to ready
         self.resume_seconds = Histogram()  # the backend's own thaw or start
         self.ready_seconds = Histogram()  # the readiness wait after it
-        self.failed_until = 0.0
+        self._failed_until = 0.0
         self.failures_in_a_row = 0  # failed wakes and quick exits since the last good stretch
         self._commands: asyncio.Queue | None = None
         self._kick: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
-        if backend is not None:
+        if backend is None:
+            self.state = READY  # always up: published as such, never changes
+        else:
             backend.started_elsewhere = self._started_elsewhere
+        self._publish()
 
-    # ---- the seam (request path: reads state, never writes it); see proxy/seam.py ----
+    # ---- what the board says (every proxy process writes its own counts there) ----
+
+    @property
+    def in_flight(self) -> int:
+        return self.board.totals(self.slot)[0]
+
+    @property
+    def tunnels(self) -> int:
+        return self.board.totals(self.slot)[1]
+
+    @property
+    def queued(self) -> int:
+        """Held requests across every proxy process."""
+        return self.board.totals(self.slot)[2]
+
+    @property
+    def idle_since(self) -> float:
+        """The last release of a request, or becoming ready if later (monotonic seconds)."""
+        return max(self.ready_since, self.board.totals(self.slot)[3] / 1e9)
+
+    @property
+    def failed_until(self) -> float:
+        """Until when (monotonic seconds) a FAILED service refuses at once; published with the state."""
+        return self._failed_until
+
+    @failed_until.setter
+    def failed_until(self, value: float) -> None:
+        self._failed_until = value
+        self._publish()
+
+    def _publish(self) -> None:
+        self.board.publish(self.slot, PUBLISHED[self.state], int(self._failed_until * 1e9))
+
+    # ---- the seam in one process (the proxy's gate), and the wake ask from any gate ----
 
     @property
     def awake(self) -> bool:
         """A request now would be served without a wake."""
         return self.state is READY
 
-    def acquire(self) -> Lease:
-        """A granted lease when READY (no suspension), else a held one, or raise Refused."""
+    def acquire(self):
+        """This process's gate: a granted lease when READY, else a held one, or raise Refused."""
+        return self.gate.acquire()
+
+    def ask(self) -> None:
+        """A gate holds requests for this service: wake it, and answer every listener once it is
+        READY or has failed. Answered at once when it is READY already (the ask crossed the answer)."""
         if self.state is READY:
-            lease = Lease(self, L_GRANTED)
-            self.in_flight += 1
-            return lease
-        if self.state is FAILED and time.monotonic() < self.failed_until:
-            raise Refused(503, "service failed to wake", self.failed_until - time.monotonic())
+            self._answer(None)
+            return
         if self._closing:
-            raise Refused(503, "wakegate is shutting down", 1.0)
-        if self.queued >= self.max_queue:
-            raise Refused(503, "wake queue full", 1.0)
-        lease = Lease(self, L_HELD)
-        lease.held_at = time.monotonic()
-        self.queue.append(lease)
-        self.queued += 1
-        if self.holding is not None:
-            self.holding.add(self)  # so the expiry tick looks at this service, and only such services
+            self._answer(Refused(503, "wakegate is shutting down", 1.0))
+            return
+        self.wanted = True
         self._wake_supervisor()
-        return lease
+
+    def _answer(self, refused: Refused | None) -> None:
+        self.wanted = False
+        for listener in list(self.listeners):
+            try:
+                listener(self, refused)
+            except Exception:
+                log.exception("service %s: answering a wake failed", self.name)
 
     # ---- commands from the admin API and the idle ticker ----
 
@@ -297,6 +272,7 @@ class Service:
         if new is None:
             raise IllegalTransition(f"service {self.name}: event {event!r} in state {old.value}")
         self.state = new
+        self._publish()
         log.info("service %s: %s -> %s", self.name, old.value, new.value)
         if self.on_state is not None:
             try:
@@ -319,7 +295,7 @@ class Service:
         """One step of the life cycle; False when the supervisor may end."""
         state = self.state
         if state is ASLEEP:
-            if not self.queued and not self._take_command("wake"):
+            if not self.wanted and not self._take_command("wake"):
                 return await self._wait(None)
             await self._do_wake()
         elif state is READY:
@@ -338,19 +314,19 @@ class Service:
 
     async def _recover(self, exc: Exception) -> None:
         """A step raised: fail whatever it was doing, stop the backend, stay usable."""
-        if self.state is ASLEEP and self.queued:
+        if self.state is ASLEEP and self.wanted:
             self._set("wake")  # the wake's own first step failed: its held requests must hear of it
         if self.state in (WAKING, READY, SLEEPING):
             self._count(self.wake_results, "error")
             self._fail(503, f"internal error ({type(exc).__name__})")
             await self._stop_backend()
         else:
-            self._fail_queue(Refused(503, "internal error", FAILED_BACKOFF_MIN))
+            self._answer(Refused(503, "internal error", FAILED_BACKOFF_MIN))
 
     async def _wait(self, timeout: float | None) -> bool:
         """Wait for a kick (True) or the timeout (False)."""
         self._kick.clear()
-        if self.queued or not self._commands.empty():
+        if self.wanted or not self._commands.empty():
             return True
         try:
             await asyncio.wait_for(self._kick.wait(), timeout)
@@ -428,9 +404,9 @@ class Service:
         if backend.last_ready_seconds is not None:
             self.ready_seconds.observe(backend.last_ready_seconds)
         self.wakes += 1
-        self.idle_since = self.ready_since = now
+        self.ready_since = now
         self._set("ready")
-        self._release_queue()
+        self._answer(None)
 
     def _fail(self, status: int, reason: str) -> None:
         """Into FAILED with a backoff that doubles per failure in a row; held requests are refused."""
@@ -439,7 +415,7 @@ class Service:
         backoff = min(FAILED_BACKOFF_MIN * 2 ** (self.failures_in_a_row - 1), FAILED_BACKOFF_MAX)
         self.failed_until = time.monotonic() + backoff
         self._set("fail")
-        self._fail_queue(Refused(status, reason, backoff))
+        self._answer(Refused(status, reason, backoff))
 
     async def _stop_backend(self) -> None:
         """Stop the backend, in the supervisor itself: the next wake starts only once it is gone."""
@@ -493,33 +469,6 @@ class Service:
     def _count(counts: dict, key: str) -> None:
         counts[key] = counts.get(key, 0) + 1
 
-    def _release_queue(self) -> None:
-        """Grant held leases in arrival order."""
-        queue = self.queue
-        while queue:
-            lease = queue.popleft()
-            if lease.status == L_HELD:
-                self.queued -= 1
-                lease._grant()
-
-    def _fail_queue(self, refused: Refused) -> None:
-        queue = self.queue
-        while queue:
-            lease = queue.popleft()
-            if lease.status == L_HELD:
-                self.queued -= 1
-                lease._refuse(refused)
-
-    def expire_held(self, now: float) -> None:
-        """Refuse held leases older than wake_timeout (called by the controller's ticker)."""
-        queue = self.queue
-        limit = now - self.wake_timeout
-        while queue and (queue[0].status != L_HELD or queue[0].held_at <= limit):
-            lease = queue.popleft()
-            if lease.status == L_HELD:
-                self.queued -= 1
-                lease._refuse(Refused(504, "wake timed out", 1.0))
-
     async def close(self, stop_backend: bool = True, reason: str = "wakegate is shutting down") -> None:
         """Stop the supervisor and the backend (wakegate is exiting); without stop_backend, only let
         go of it (the service went away: there is nothing left to stop)."""
@@ -530,7 +479,9 @@ class Service:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._fail_queue(Refused(503, reason, 1.0))
+        if self.gate is not None:
+            self.gate.close(reason)
+        self._answer(Refused(503, reason, 1.0))
         if self.backend is None:
             return
         if not stop_backend:

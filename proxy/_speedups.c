@@ -1501,6 +1501,326 @@ overflow:
     return NULL;
 }
 
+/* ---- Board: per-service state and per-worker counters in shared memory (proxy/board.py) ----
+ *
+ * Layout and the ordering protocol are described in proxy/board.py, the twin. Every access here is
+ * a sequentially consistent atomic, so a worker's admit (add in_flight, then read state) and the
+ * controller's sleep (store state, then read in_flight) cannot both miss each other (Dekker).
+ */
+
+#include <time.h>
+
+#define BOARD_WORDS 8          /* one 64-byte line per slot header and per worker column */
+#define B_STATE 0
+#define B_FAILED_UNTIL 1
+#define B_HELD_TOTAL 2
+#define C_IN_FLIGHT 0
+#define C_TUNNELS 1
+#define C_LAST_NS 2
+#define C_HELD 3
+#define STATE_READY 2
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int64_t *words;
+    Py_ssize_t slots, workers;
+} BoardObject;
+
+static int64_t *
+board_slot(BoardObject *self, Py_ssize_t slot)
+{
+    if (slot < 0 || slot >= self->slots) {
+        PyErr_Format(PyExc_IndexError, "board slot %zd out of range (0..%zd)", slot, self->slots - 1);
+        return NULL;
+    }
+    return self->words + BOARD_WORDS + slot * BOARD_WORDS * (1 + self->workers);
+}
+
+static int64_t *
+board_column(BoardObject *self, Py_ssize_t slot, Py_ssize_t worker)
+{
+    int64_t *s = board_slot(self, slot);
+    if (!s) return NULL;
+    if (worker < 0 || worker >= self->workers) {
+        PyErr_Format(PyExc_IndexError, "board worker %zd out of range (0..%zd)", worker, self->workers - 1);
+        return NULL;
+    }
+    return s + BOARD_WORDS * (1 + worker);
+}
+
+static int64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
+
+static Py_ssize_t
+board_bytes(Py_ssize_t slots, Py_ssize_t workers)
+{
+    return (Py_ssize_t)sizeof(int64_t) * BOARD_WORDS * (1 + slots * (1 + workers));
+}
+
+static PyObject *
+board_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"buffer", "slots", "workers", "lock_fd", NULL};
+    PyObject *buffer;
+    Py_ssize_t slots, workers;
+    int lock_fd = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Onn|i", kwlist, &buffer, &slots, &workers, &lock_fd))
+        return NULL;
+    if (slots < 1 || workers < 1) {
+        PyErr_SetString(PyExc_ValueError, "a board needs at least one slot and one worker");
+        return NULL;
+    }
+    BoardObject *self = (BoardObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (self->view.len < board_bytes(slots, workers) || ((uintptr_t)self->view.buf % 64) != 0) {
+        PyErr_Format(PyExc_ValueError, "board buffer: %zd bytes (needs %zd, 64-byte aligned)", self->view.len,
+                     board_bytes(slots, workers));
+        PyBuffer_Release(&self->view);
+        self->view.obj = NULL;
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->words = (int64_t *)self->view.buf;
+    self->slots = slots;
+    self->workers = workers;
+    return (PyObject *)self;
+}
+
+static void
+board_dealloc(BoardObject *self)
+{
+    if (self->view.obj) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+board_args(BoardObject *self, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t *out)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        out[i] = PyLong_AsSsize_t(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+board_admit(BoardObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[2];
+    if (board_args(self, args, nargs, 2, a) < 0) return NULL;
+    int64_t *s = board_slot(self, a[0]), *c = board_column(self, a[0], a[1]);
+    if (!c) return NULL;
+    ADD(c + C_IN_FLIGHT, 1);
+    if (LOAD(s + B_STATE) == STATE_READY) Py_RETURN_TRUE;
+    ADD(c + C_IN_FLIGHT, -1);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+board_leave(BoardObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[3];
+    if (board_args(self, args, nargs, 3, a) < 0) return NULL;
+    int64_t *c = board_column(self, a[0], a[1]);
+    if (!c) return NULL;
+    STORE(c + C_LAST_NS, monotonic_ns());  /* before the count drops: idle is never seen without it */
+    if (a[2]) ADD(c + C_TUNNELS, -1);
+    ADD(c + C_IN_FLIGHT, -1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+board_open_tunnel(BoardObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[2];
+    if (board_args(self, args, nargs, 2, a) < 0) return NULL;
+    int64_t *c = board_column(self, a[0], a[1]);
+    if (!c) return NULL;
+    ADD(c + C_TUNNELS, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+board_hold(BoardObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[3];
+    if (board_args(self, args, nargs, 3, a) < 0) return NULL;
+    int64_t *s = board_slot(self, a[0]), *c = board_column(self, a[0], a[1]);
+    if (!c) return NULL;
+    if (ADD(s + B_HELD_TOTAL, 1) > a[2]) {
+        ADD(s + B_HELD_TOTAL, -1);
+        Py_RETURN_FALSE;
+    }
+    ADD(c + C_HELD, 1);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+board_unhold(BoardObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[2];
+    if (board_args(self, args, nargs, 2, a) < 0) return NULL;
+    int64_t *s = board_slot(self, a[0]), *c = board_column(self, a[0], a[1]);
+    if (!c) return NULL;
+    ADD(c + C_HELD, -1);
+    ADD(s + B_HELD_TOTAL, -1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+board_publish(BoardObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[3];
+    if (board_args(self, args, nargs, 3, a) < 0) return NULL;
+    int64_t *s = board_slot(self, a[0]);
+    if (!s) return NULL;
+    STORE(s + B_FAILED_UNTIL, (int64_t)a[2]);
+    STORE(s + B_STATE, (int64_t)a[1]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+board_state(BoardObject *self, PyObject *slot)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(slot);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    int64_t *s = board_slot(self, i);
+    if (!s) return NULL;
+    return PyLong_FromLongLong(LOAD(s + B_STATE));
+}
+
+static PyObject *
+board_failed_until(BoardObject *self, PyObject *slot)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(slot);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    int64_t *s = board_slot(self, i);
+    if (!s) return NULL;
+    return PyLong_FromLongLong(LOAD(s + B_FAILED_UNTIL));
+}
+
+static PyObject *
+board_column_tuple(int64_t *c)
+{
+    return Py_BuildValue("(LLLL)", (long long)LOAD(c + C_IN_FLIGHT), (long long)LOAD(c + C_TUNNELS),
+                         (long long)LOAD(c + C_HELD), (long long)LOAD(c + C_LAST_NS));
+}
+
+static PyObject *
+board_totals(BoardObject *self, PyObject *slot)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(slot);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    int64_t *s = board_slot(self, i);
+    if (!s) return NULL;
+    long long in_flight = 0, tunnels = 0, last = 0;
+    for (Py_ssize_t w = 0; w < self->workers; w++) {
+        int64_t *c = s + BOARD_WORDS * (1 + w);
+        in_flight += LOAD(c + C_IN_FLIGHT);
+        tunnels += LOAD(c + C_TUNNELS);
+        long long l = LOAD(c + C_LAST_NS);
+        if (l > last) last = l;
+    }
+    return Py_BuildValue("(LLLL)", in_flight, tunnels, (long long)LOAD(s + B_HELD_TOTAL), last);
+}
+
+static PyObject *
+board_column_meth(BoardObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[2];
+    if (board_args(self, args, nargs, 2, a) < 0) return NULL;
+    int64_t *c = board_column(self, a[0], a[1]);
+    if (!c) return NULL;
+    return board_column_tuple(c);
+}
+
+static PyObject *
+board_reclaim(BoardObject *self, PyObject *worker)
+{
+    Py_ssize_t w = PyLong_AsSsize_t(worker);
+    if (w == -1 && PyErr_Occurred()) return NULL;
+    for (Py_ssize_t i = 0; i < self->slots; i++) {
+        int64_t *s = board_slot(self, i), *c = board_column(self, i, w);
+        if (!c) return NULL;
+        int64_t held = __atomic_exchange_n(c + C_HELD, 0, __ATOMIC_SEQ_CST);
+        if (held) ADD(s + B_HELD_TOTAL, -held);
+        STORE(c + C_TUNNELS, 0);
+        STORE(c + C_IN_FLIGHT, 0);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+board_clear(BoardObject *self, PyObject *slot)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(slot);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    int64_t *s = board_slot(self, i);
+    if (!s) return NULL;
+    for (Py_ssize_t k = 0; k < BOARD_WORDS * (1 + self->workers); k++) STORE(s + k, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+board_size(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[2];
+    if (board_args(NULL, args, nargs, 2, a) < 0) return NULL;
+    return PyLong_FromSsize_t(board_bytes(a[0], a[1]));
+}
+
+static PyMethodDef board_methods[] = {
+    {"admit", (PyCFunction)(void (*)(void))board_admit, METH_FASTCALL, "admit(slot, worker) -> bool"},
+    {"leave", (PyCFunction)(void (*)(void))board_leave, METH_FASTCALL, "leave(slot, worker, tunnel)"},
+    {"open_tunnel", (PyCFunction)(void (*)(void))board_open_tunnel, METH_FASTCALL, "open_tunnel(slot, worker)"},
+    {"hold", (PyCFunction)(void (*)(void))board_hold, METH_FASTCALL, "hold(slot, worker, max_queue) -> bool"},
+    {"unhold", (PyCFunction)(void (*)(void))board_unhold, METH_FASTCALL, "unhold(slot, worker)"},
+    {"publish", (PyCFunction)(void (*)(void))board_publish, METH_FASTCALL, "publish(slot, state, failed_until_ns)"},
+    {"state", (PyCFunction)board_state, METH_O, "state(slot) -> int"},
+    {"failed_until", (PyCFunction)board_failed_until, METH_O, "failed_until(slot) -> monotonic ns"},
+    {"totals", (PyCFunction)board_totals, METH_O, "totals(slot) -> (in_flight, tunnels, held, last_ns)"},
+    {"column", (PyCFunction)(void (*)(void))board_column_meth, METH_FASTCALL,
+     "column(slot, worker) -> (in_flight, tunnels, held, last_ns)"},
+    {"reclaim", (PyCFunction)board_reclaim, METH_O, "reclaim(worker): a dead worker's counts are zeroed"},
+    {"clear", (PyCFunction)board_clear, METH_O, "clear(slot): a slot taken by another service starts at zero"},
+    {"size", (PyCFunction)(void (*)(void))board_size, METH_FASTCALL | METH_CLASS, "size(slots, workers) -> bytes"},
+    {NULL}};
+
+static PyMemberDef board_members[] = {
+    {"slots", T_PYSSIZET, offsetof(BoardObject, slots), READONLY, "service slots"},
+    {"workers", T_PYSSIZET, offsetof(BoardObject, workers), READONLY, "worker columns"},
+    {NULL}};
+
+static PyTypeObject BoardType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.Board",
+    .tp_basicsize = sizeof(BoardObject),
+    .tp_dealloc = (destructor)board_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Board(buffer, slots, workers, lock_fd=-1): services' state and workers' counts in shared memory.",
+    .tp_methods = board_methods,
+    .tp_members = board_members,
+    .tp_new = board_new,
+};
+
 /* ---- module ---- */
 
 static PyMethodDef module_methods[] = {
@@ -1522,7 +1842,7 @@ module_exec(PyObject *m)
 {
     init_tables();
     if (PyType_Ready(&RequestHeadType) < 0 || PyType_Ready(&ResponseHeadType) < 0 ||
-        PyType_Ready(&ChunkedScannerType) < 0)
+        PyType_Ready(&ChunkedScannerType) < 0 || PyType_Ready(&BoardType) < 0)
         return -1;
     if (!ProtocolError) {
         PyObject *errors = PyImport_ImportModule("proxy.errors");
@@ -1534,6 +1854,7 @@ module_exec(PyObject *m)
     if (PyModule_AddObjectRef(m, "RequestHead", (PyObject *)&RequestHeadType) < 0 ||
         PyModule_AddObjectRef(m, "ResponseHead", (PyObject *)&ResponseHeadType) < 0 ||
         PyModule_AddObjectRef(m, "ChunkedScanner", (PyObject *)&ChunkedScannerType) < 0 ||
+        PyModule_AddObjectRef(m, "Board", (PyObject *)&BoardType) < 0 ||
         PyModule_AddObjectRef(m, "ProtocolError", ProtocolError) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEAD_BYTES", MAX_HEAD_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEADERS", MAX_HEADERS) < 0 ||

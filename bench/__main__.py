@@ -55,6 +55,7 @@ def start_wakegate(tmp: Path, name: str, backend_port: int, extra: str = "") -> 
         f"""[proxy]
 listen = "127.0.0.1:{port}"
 upstream_keepalive = 256
+workers = 1
 [admin]
 listen = "127.0.0.1:{free_port()}"
 {extra}
@@ -285,7 +286,7 @@ def metrics_scrape_times(services: int, scrapes: int = 20) -> dict:
     server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "ok"; }} }}"""))], LOAD_CPU, tmp / "b.log")
         port, admin = free_port(), free_port()
         conf = tmp / "many.toml"
-        conf.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n' + "".join(
+        conf.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 1\n[admin]\nlisten = "127.0.0.1:{admin}"\n' + "".join(
             f'[services.s{i}]\nhosts = ["s{i}.test"]\nupstream = "127.0.0.1:{backend_port}"\n' for i in range(services)))
         wg = start([sys.executable, "-m", "controller.cli", "serve", "-c", str(conf), "--log-level", "warning"],
                    PROXY_CPU, tmp / "wg.log")

@@ -43,6 +43,7 @@ def _config(tmp: Path, port: int, admin: int, backend: int, faulty: int) -> Path
     conf.write_text(f"""[proxy]
 listen = "127.0.0.1:{port}"
 upstream_max_connections = 64
+workers = 1
 [admin]
 listen = "127.0.0.1:{admin}"
 [log]

@@ -81,7 +81,7 @@ def _requests(port: int, n: int) -> None:
 def _count(tmp: Path, name: str, table: str, backend_port: int, requests: int, warmup: int) -> float:
     port, admin = free_port(), free_port()
     config = tmp / f"{name.replace(' ', '-').replace('+', 'and')}.toml"
-    config.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
+    config.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 1\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
                       + table.format(log=tmp / "access.log")
                       + f'[services.svc]\nhosts = ["svc.test"]\nupstream = "127.0.0.1:{backend_port}"\n')
     out = tmp / f"callgrind.{config.stem}"

@@ -38,7 +38,7 @@ def scale(tmp: Path, sizes: list[int], duration: int, rounds: int, progress=prin
             port, admin = free_port(), free_port()
             conf = tmp / f"scale-{n}.toml"
             conf.write_text(
-                f'[proxy]\nlisten = "127.0.0.1:{port}"\nupstream_keepalive = 256\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
+                f'[proxy]\nlisten = "127.0.0.1:{port}"\nupstream_keepalive = 256\nworkers = 1\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
                 + "".join(f'[services.s{i}]\nhosts = ["s{i}.test"]\nupstream = "127.0.0.1:{backend_port}"\n'
                           for i in range(n))
             )

@@ -128,7 +128,7 @@ class Gate:
     """A wakegate process with one service, ``svc``, run and put to sleep as the mode says."""
 
     def __init__(self, tmp: Path, mode: WakeMode | str, idle: str = "1h", extra_proxy: str = "",
-                 tiny: bool = False, engine=None) -> None:
+                 tiny: bool = False, engine=None, workers: int = 1) -> None:
         if isinstance(mode, str):
             mode = next(m for m in WAKE_MODES if m.name == mode)
         self.mode = mode
@@ -158,6 +158,7 @@ class Gate:
             f"""[proxy]
 listen = "127.0.0.1:{self.port}"
 upstream_timeout = "120s"
+workers = {workers}
 {extra_proxy}
 [admin]
 listen = "127.0.0.1:{self.admin_port}"
@@ -557,7 +558,7 @@ async def _wake_cycles(gate: Gate, baseline: Baseline, cycles: int, progress) ->
     return out
 
 
-def wake_mode(mode: WakeMode | str, cycles: int, progress=print, tiny: bool = False) -> dict:
+def wake_mode(mode: WakeMode | str, cycles: int, progress=print, tiny: bool = False, workers: int = 1) -> dict:
     if isinstance(mode, str):
         mode = next(m for m in WAKE_MODES if m.name == mode)
     engine = None
@@ -569,7 +570,7 @@ def wake_mode(mode: WakeMode | str, cycles: int, progress=print, tiny: bool = Fa
         gate = None
         baseline = None
         try:
-            gate = Gate(Path(tmp), mode, tiny=tiny, engine=engine)
+            gate = Gate(Path(tmp), mode, tiny=tiny, engine=engine, workers=workers)
             if engine is not None:
                 engine.create("svc", gate.backend_port)
             baseline = Baseline(mode, gate, tiny, engine)
@@ -583,7 +584,7 @@ def wake_mode(mode: WakeMode | str, cycles: int, progress=print, tiny: bool = Fa
             if engine is not None:
                 engine.close()
     first, awake, resume, ready = out["first"], out["awake"], out["resume"], out["ready"]
-    result = {"mode": mode.name, "kind": mode.kind, "sleep": mode.sleep, "policy": mode.policy, "app": mode.app,
+    result = {"mode": mode.name, "workers": workers, "kind": mode.kind, "sleep": mode.sleep, "policy": mode.policy, "app": mode.app,
               "baseline": mode.baseline, "awake": _ms(awake), "first_request": _ms(first),
               "backend_resume": _ms(resume), "readiness_wait": _ms(ready)}
     # Each cycle against the awake request measured right before it: drift between cycles cancels out.

@@ -38,7 +38,8 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def make_app(controller, token: str = "", exposition=None, busy: dict | None = None) -> web.Application:
+def make_app(controller, token: str = "", exposition=None, busy: dict | None = None, runtime=None) -> web.Application:
+    """runtime (controller/runtime.py): the proxy processes' counts for /metrics and /services, and reloads."""
     expected = token.encode()
 
     @web.middleware
@@ -66,7 +67,17 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
         return web.Response(text="ok\n")
 
     async def services(request):
-        return _json({"services": controller.snapshot()})
+        body = {"services": controller.snapshot()}
+        if runtime is not None:
+            body["workers"] = runtime.workers()
+            body["reloads"] = runtime.reloads
+        return _json(body)
+
+    async def reload(request):
+        if runtime is None:
+            return _json({"error": "reload needs a running wakegate"}, 409)
+        result = await runtime.reload()
+        return _json(result, 200 if result["ok"] else 400)
 
     def _service(request):
         name = request.match_info["name"]
@@ -94,6 +105,8 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
 
         if exposition is None:
             return _json({"error": "metrics are off ([metrics] enabled = false)"}, 404)
+        if runtime is not None:
+            await runtime.refresh_stats()
         return web.Response(body=exposition.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(middlewares=[track, auth])
@@ -102,6 +115,7 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
     app.router.add_get("/services", services)
     app.router.add_post("/services/{name}/wake", wake)
     app.router.add_post("/services/{name}/sleep", sleep)
+    app.router.add_post("/reload", reload)
     return app
 
 
@@ -194,7 +208,7 @@ class AdminListener:
         logging.getLogger("aiohttp.server").removeFilter(self.log_filter)
 
 
-async def start_admin(controller, settings, exposition=None, stats=None) -> AdminListener:
+async def start_admin(controller, settings, exposition=None, stats=None, runtime=None) -> AdminListener:
     """Listen for the admin API (stats: the proxy's ProxyStats, where admin errors are counted)."""
     if stats is None:
         from proxy.metrics import ProxyStats
@@ -204,7 +218,7 @@ async def start_admin(controller, settings, exposition=None, stats=None) -> Admi
         log.warning("the admin API listens on %s without a token: anyone who can reach it can wake and sleep "
                     "services and read /metrics; set [admin] token", settings.listen)
     busy: dict = {}
-    runner = web.AppRunner(make_app(controller, settings.token, exposition, busy), access_log=None,
+    runner = web.AppRunner(make_app(controller, settings.token, exposition, busy, runtime), access_log=None,
                            keepalive_timeout=settings.idle_timeout * 2 + 1)  # ours acts first and counts
     await runner.setup()
     log_filter = _BadRequestLog(stats)

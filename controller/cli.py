@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import resource
-import signal
 import sys
 
 from . import __version__
@@ -71,85 +69,11 @@ def _raise_fd_limit() -> None:
     log.info("file descriptor limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
 
 
-async def serve(config) -> int:
-    from proxy.server import ProxyServer
+async def serve(config, log_level: str = "info") -> int:
+    from .runtime import Runtime
 
-    from .admin import start_admin
-    from .controller import Controller
-
-    loop = asyncio.get_running_loop()
     _raise_fd_limit()
-    router, routes = build_router(config)
-    controller = Controller(config, {name: route.pool for name, route in routes.items()})
-    for name, route in routes.items():
-        route.service = controller.services[name].gate
-    server = ProxyServer(config.proxy, router, loop)
-    server.server_timing = config.log.server_timing
-    server.measure = config.metrics.enabled
-    exposition = None
-    if config.metrics.enabled:
-        from .metrics import FastExposition
-
-        exposition = FastExposition(controller, routes, server.stats)
-    if config.log.access:
-        from proxy.metrics import AccessLog
-
-        try:
-            server.access_log = AccessLog(config.log.access, loop, server.stats)
-        except OSError as exc:
-            print(f"wakegate: {config.path}: log.access: {exc}", file=sys.stderr)
-            return EXIT_RUNTIME
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: a signal must never find us unprepared
-        loop.add_signal_handler(sig, stop.set)
-    for key, start in (("proxy.listen", server.start),
-                       ("admin.listen", lambda: start_admin(controller, config.admin, exposition, server.stats))):
-        try:
-            started = await start()
-        except OSError as exc:
-            address = config.proxy.listen if key == "proxy.listen" else config.admin.listen
-            print(f"wakegate: {config.path}: {key}: cannot listen on {address}: {exc.strerror or exc}", file=sys.stderr)
-            if key == "admin.listen":
-                await server.drain(0)
-            return EXIT_CONFIG
-        if key == "admin.listen":
-            admin = started
-        else:
-            controller.reap_leftovers()  # the listener is ours: no live wakegate is this instance
-    controller.start()
-    discovery = None
-    if config.discovery.enabled:
-        from .discovery import Discovery, LiveServices
-
-        discovery = Discovery(LiveServices(config, controller, router, routes), config.discovery.socket)
-        await discovery.start()
-    # Everything built so far (config, routes, services) lives as long as the process: keep it out of
-    # the garbage collector's full passes, which otherwise walk ~20 objects per configured service.
-    gc.collect()
-    gc.freeze()
-    log.info(
-        "wakegate %s listening on %s (admin %s), %d services, parser: %s",
-        __version__,
-        config.proxy.listen,
-        config.admin.listen,
-        len(config.services),
-        _implementation(),
-    )
-    await stop.wait()
-    log.info("draining: no new connections; in-flight requests get %.1fs", config.proxy.drain_timeout)
-    cut = await server.drain(config.proxy.drain_timeout)
-    if cut:
-        log.warning("drain: %d connections were still busy at the end of the grace period", cut)
-    for route in routes.values():
-        route.pool.close_idle()
-    if discovery is not None:
-        await discovery.close()
-    await controller.close()  # stops every backend process: nothing is left behind
-    await admin.close()
-    if server.access_log is not None:
-        server.access_log.close()
-    log.info("stopped")
-    return 0
+    return await Runtime(config, log_level).run()
 
 
 def prepare_snapshot(config, name: str) -> int:
@@ -268,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         try:
-            return uvloop.run(serve(config))
+            return uvloop.run(serve(config, args.log_level))
         except KeyboardInterrupt:
             return 0
     parser.print_help(sys.stderr)

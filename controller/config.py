@@ -26,6 +26,7 @@ UPSTREAM_TIMEOUT = 60.0  # gap between upstream reads; nginx proxy_read_timeout 
 SEND_TIMEOUT = 60.0  # client not reading a response; nginx send_timeout 60 s
 ADMIN_IDLE_TIMEOUT = 10.0  # an admin connection finishes a request, or idles, within this; HAProxy's http-request 10 s
 TUNNEL_TIMEOUT = 3600.0  # idle Upgrade tunnel; HAProxy's timeout tunnel is often 1 h
+MAX_WORKERS = 64  # proxy worker processes; HAProxy's nbthread tops out at 64 per thread group
 DRAIN_TIMEOUT = 30.0  # grace for in-flight requests on SIGTERM; Kubernetes' default grace is 30 s
 MAX_HEAD_SIZE = 16 * 1024  # h11 and node: 16 KiB
 MAX_BODY_SIZE = 0  # 0: no limit, as HAProxy (nginx has 1 MiB, too small for uploads)
@@ -87,6 +88,12 @@ class ProxySettings:
     upstream_max_connections: int = UPSTREAM_MAX_CONNECTIONS
     default_service: str = ""
     unknown_host_status: int = 404
+    workers: int = 1  # proxy worker processes; the config's default is the CPUs this process may use
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity, which taskset and cgroup cpusets narrow)."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True)
@@ -712,6 +719,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         upstream_max_connections=p.integer("upstream_max_connections", UPSTREAM_MAX_CONNECTIONS, 0, 1_000_000),
         default_service=p.string("default_service", ""),
         unknown_host_status=p.integer("unknown_host_status", 404, 400, 599),
+        workers=p.integer("workers", default_workers(), 1, MAX_WORKERS),
     )
     if proxy.unknown_host_status not in UNKNOWN_HOST_STATUSES:
         raise p.error("unknown_host_status", f"must be 404 or 421, got {proxy.unknown_host_status}")

@@ -1,24 +1,29 @@
-"""The control plane: one Service per configured service, and the tick that expires held requests.
+"""The control plane: one Service per configured service, each on a slot of the shared board.
 
-The proxy reaches it only through ``Service.acquire()`` / ``Lease.release()``;
-the admin API reads ``snapshot()`` and sends wake and sleep commands.
+The proxy processes reach it only through the board (admission) and ``ask(slot)`` (a wake);
+the admin API reads ``snapshot()`` and sends wake and sleep commands; a reload or discovery
+changes the set of services through ``reconcile()``, ``add_service()`` and ``remove_service()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import time
 
 from proxy.board import local_board
+from proxy.seam import Refused
 
 from .backends import instance_name, reap_leftovers
+from .config import NoWake
 from .service import READY, Backend, Service
+from .workers import FleetPool
 
 log = logging.getLogger("wakegate.controller")
 
-EXPIRE_TICK_MAX = 0.1  # how often held requests are checked against wake_timeout, at most
+RETIRE_POLL = 0.01  # how often a retiring service's in-flight count is looked at
 MIN_SLOTS = 1024  # board slots at start, or twice the configured services: room for discovery and reloads
 
 
@@ -46,56 +51,165 @@ def make_backend(svc, instance: str = "default") -> Backend | None:
     return None
 
 
+def same_backend(a, b) -> bool:
+    """Whether two configs of a service run the same backend: all but routing and limits are equal
+    (a reload keeps such a service's process and state, and applies the rest to new requests)."""
+    neutral = dict(hosts=(), paths=(), idle_timeout=0.0, wake_timeout=0.0, max_queue=0, no_wake=NoWake())
+    return dataclasses.replace(a, **neutral) == dataclasses.replace(b, **neutral)
+
+
 class Controller:
-    def __init__(self, config, pools: dict, board=None, local_worker: int | None = 0) -> None:
-        """pools: service name -> the proxy's UpstreamPool for it (one process: the proxy's own).
-        board: the shared board (proxy/board.py); local_worker: this process's column on it when it
-        proxies requests itself, None when separate worker processes do."""
+    """Every service's supervisor, each on its board slot; the data path reaches them only through
+    ``ask(slot)`` and the board. ``fleet`` (controller/workers.py) is the way back to the proxy
+    processes: wake answers, pool flushes."""
+
+    def __init__(self, config, board=None) -> None:
         self.config = config
         listen = config.proxy.listen
         self.instance = instance_name(listen.host, listen.port)
         self.board = board if board is not None else local_board(board_slots(config))
-        self.local_worker = local_worker
+        self.fleet = None  # set before the first wake: see attach()
         self.free_slots = list(range(self.board.slots - 1, -1, -1))  # pop() takes the lowest
         self.services: dict[str, Service] = {}
-        self.holding: set = set()  # this process's gates with held requests: all the expiry tick visits
+        self.configs: dict[str, object] = {}  # name -> the ServiceConfig it runs with
+        self.by_slot: dict[int, Service] = {}  # every service with a slot, retiring ones too
+        self.released: list[int] = []  # slots of services gone, free once every process has new routes
+        self._retiring: set[asyncio.Task] = set()
         for name, svc in config.services.items():
-            self.services[name] = self._service(svc, pools.get(name))
-        timeouts = [s.wake_timeout for s in self.services.values()] or [1.0]
-        self.tick = min(EXPIRE_TICK_MAX, min(timeouts) / 10)
-        self._ticker: asyncio.TimerHandle | None = None
+            self._add(svc)
 
-    def _service(self, svc, pool) -> Service:
-        backend = make_backend(svc, self.instance)
-        if backend is not None and pool is not None:
-            backend.pools = [pool]
+    def attach(self, fleet) -> None:
+        """The proxy processes: answers to wakes and pool flushes go to them from now on."""
+        self.fleet = fleet
+
+    def slots(self) -> dict[str, int]:
+        return {name: service.slot for name, service in self.services.items()}
+
+    def _add(self, svc, after: asyncio.Future | None = None) -> Service:
         if not self.free_slots:
             raise RuntimeError(f"no board slot left for service {svc.name} ({self.board.slots} in use): "
                                "restart wakegate to make room")
+        slot = self.free_slots.pop()
+        backend = make_backend(svc, self.instance)
         service = Service(svc.name, backend, idle_timeout=svc.idle_timeout if backend is not None else None,
-                          wake_timeout=svc.wake_timeout, max_queue=svc.max_queue,
-                          pools=[pool] if pool is not None else [], board=self.board, slot=self.free_slots.pop(),
-                          local_worker=self.local_worker)
-        if service.gate is not None:
-            service.gate.holding = self.holding
+                          wake_timeout=svc.wake_timeout, max_queue=svc.max_queue, board=self.board, slot=slot,
+                          local_worker=None)
+        pool = FleetPool(svc.upstream.host, svc.upstream.port, self, slot)
+        service.pools = [pool]
+        if backend is not None:
+            backend.pools = [pool]
+        service.listeners.append(self._answer)
+        service.wake_after = after
+        self.services[svc.name] = service
+        self.configs[svc.name] = svc
+        self.by_slot[slot] = service
         return service
 
-    def add_service(self, svc, pool) -> Service:
-        """A service that appeared while running (discovery); asleep until its first request."""
-        service = self.services[svc.name] = self._service(svc, pool)
-        self.tick = min(self.tick, svc.wake_timeout / 10)
-        if service.backend is not None:
-            service.backend.prepare_next_wake()
-        return service
+    # ---- what FleetPool and the services call: passed on to the proxy processes ----
 
-    async def remove_service(self, name: str) -> None:
+    def _answer(self, service: Service, refused) -> None:
+        if self.fleet is not None:
+            self.fleet.answer(service.slot, refused)
+
+    def flush(self, slot: int) -> None:
+        if self.fleet is not None:
+            self.fleet.flush(slot)
+
+    async def flush_wait(self, slot: int) -> None:
+        if self.fleet is not None:
+            await self.fleet.flush_wait(slot)
+
+    def upstream(self, slot: int, host: str, port: int) -> None:
+        if self.fleet is not None:
+            self.fleet.upstream(slot, host, port)
+
+    def ask(self, slot: int) -> None:
+        """A proxy process holds requests for the service in this slot."""
+        service = self.by_slot.get(slot)
+        if service is not None:
+            service.ask()
+        elif self.fleet is not None:  # its slot was given back: the gate is gone with its config
+            self.fleet.answer(slot, Refused(503, "the service was removed", 1.0))
+
+    # ---- services coming and going (reloads, discovery) ----
+
+    def reconcile(self, config) -> list[str]:
+        """Make the services those of config: new ones added (asleep), removed ones retired (drained,
+        then stopped, in the background), changed limits applied in place, and a service whose
+        backend changed replaced by a new one that wakes only after the old one is gone. Call
+        fleet.reload with slots() afterwards. Returns what changed, one line per service."""
+        changes = []
+        for name, svc in config.services.items():
+            old = self.services.get(name)
+            if old is None:
+                added = self._add(svc)
+                if added.backend is not None:
+                    added.backend.prepare_next_wake()
+                changes.append(f"{name}: added")
+            elif same_backend(self.configs[name], svc):
+                if self.configs[name] != svc:
+                    old.idle_timeout = svc.idle_timeout if old.backend is not None else None
+                    old.wake_timeout, old.max_queue = svc.wake_timeout, svc.max_queue
+                    self.configs[name] = svc
+                    changes.append(f"{name}: routes or limits changed")
+            else:
+                retired = self._retire(name, "its backend changed")
+                added = self._add(svc, after=retired)
+                if added.backend is not None:
+                    added.backend.prepare_next_wake()
+                changes.append(f"{name}: backend changed; the old one is drained and stopped first")
+        for name in [n for n in self.services if n not in config.services]:
+            self._retire(name, "removed from the config")
+            changes.append(f"{name}: removed; drained, then stopped")
+        self.config = config
+        self._kick_ticks()
+        return changes
+
+    def _retire(self, name: str, why: str) -> asyncio.Task:
+        service = self.services.pop(name)
+        self.configs.pop(name)
+        task = asyncio.get_running_loop().create_task(self._drain_and_close(service, why), name=f"retire-{name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    async def _drain_and_close(self, service: Service, why: str) -> None:
+        deadline = time.monotonic() + self.config.proxy.drain_timeout
+        while (service.in_flight or service.queued) and time.monotonic() < deadline:
+            await asyncio.sleep(RETIRE_POLL)
+        if service.in_flight:
+            log.warning("service %s: %d requests still in flight after the drain; stopping it", service.name,
+                        service.in_flight)
+        await service.close(reason=f"the service was {why}")
+        self.by_slot.pop(service.slot, None)
+        self._release(service)
+        log.info("service %s: %s; stopped", service.name, why)
+
+    def _release(self, service: Service) -> None:
+        if service.in_flight:  # late releases would land on the slot's next service: never reuse it
+            log.warning("service %s: board slot %d is not reused until a restart", service.name, service.slot)
+            return
+        self.released.append(service.slot)
+
+    def settle(self) -> None:
+        """Every proxy process has the routes of the last reconcile: slots released before are free."""
+        self.free_slots.extend(self.released)
+        self.released.clear()
+
+    async def remove_service(self, name: str, why: str = "the service went away (its containers were removed)") -> None:
         """A service that went away: its held requests are refused and its backend let go, without
         acting on what is already gone."""
         service = self.services.pop(name, None)
         if service is not None:
-            self.holding.discard(service.gate)
-            await service.close(stop_backend=False, reason="the service went away (its containers were removed)")
-            self.free_slots.append(service.slot)
+            self.configs.pop(name, None)
+            await service.close(stop_backend=False, reason=why)
+            self.by_slot.pop(service.slot, None)
+            self._release(service)
+
+    def _kick_ticks(self) -> None:
+        for service in self.services.values():
+            if service.backend is not None and service.state is READY:
+                service.request_idle_check()
 
     def reap_leftovers(self) -> int:
         """Kill what an earlier wakegate with this proxy listener left behind. Call it only once the
@@ -103,19 +217,9 @@ class Controller:
         return reap_leftovers(self.instance)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._ticker = loop.call_later(self.tick, self._expire)
         for service in self.services.values():
             if service.backend is not None:
                 service.backend.prepare_next_wake()  # every service starts asleep
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for gate in list(self.holding):
-            gate.expire(now)
-            if not gate.queue:
-                self.holding.discard(gate)
-        self._ticker = asyncio.get_running_loop().call_later(self.tick, self._expire)
 
     def snapshot(self) -> list[dict]:
         out = []
@@ -138,12 +242,14 @@ class Controller:
                     "last_ready_ms": None if not backend or backend.last_ready_seconds is None
                     else round(backend.last_ready_seconds * 1e3, 3),
                     "idle_seconds": round(time.monotonic() - s.idle_since, 3) if s.state is READY and not s.in_flight else 0,
+                    "workers": [{"worker": w, "in_flight": self.board.column(s.slot, w)[0],
+                                 "queued": self.board.column(s.slot, w)[2]} for w in range(self.board.workers)],
                     **(backend.describe() if backend else {"pid": None}),
                 }
             )
         return out
 
     async def close(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.gather(*(s.close() for s in self.services.values()), return_exceptions=True)

@@ -388,7 +388,7 @@ class CriuProcessBackend:
             await self.stop()  # the prepared image serves every wake: nothing to keep
             return
         for pool in self.pools:  # pooled connections would be established sockets CRIU cannot dump
-            pool.close_idle()
+            await pool.drop_idle()
         try:
             await self.dump(leave_running=False)
         except CriuError as exc:

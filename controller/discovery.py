@@ -35,42 +35,45 @@ def conflicts(svc: ServiceConfig, routed: dict[tuple[str, str], str]) -> list[st
 
 
 class LiveServices:
-    """Adds and removes services while wakegate runs: route, upstream pool, Service, backend."""
+    """The discovered services, applied to the running wakegate with the config file's (the same
+    path as a reload: controller/runtime.py), so every proxy process routes them."""
 
-    def __init__(self, config, controller, router, routes: dict) -> None:
-        self.config = config
-        self.controller = controller
-        self.router = router
-        self.routes = routes  # shared with the metrics exposition and the shutdown drain
-        self.routed: dict[tuple[str, str], str] = {}
-        for name, svc in config.services.items():
-            self._claim(svc)
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.discovered: dict[str, ServiceConfig] = {}
+        self._pending: set[asyncio.Task] = set()
 
-    def _claim(self, svc: ServiceConfig) -> None:
-        for host in svc.hosts:
-            for prefix in svc.paths or ("",):
-                self.routed[(host, prefix)] = svc.name
+    @property
+    def routes(self) -> dict:
+        """Every service running now, from the file or discovered."""
+        return self.runtime.config.services
+
+    @property
+    def routed(self) -> dict[tuple[str, str], str]:
+        """(host, path prefix) -> the service that claims it, discovered ones included."""
+        claims = {}
+        for svc in [*self.runtime.config.services.values(), *self.discovered.values()]:
+            for host in svc.hosts:
+                for prefix in svc.paths or ("",):
+                    claims[(host, prefix)] = svc.name
+        return claims
 
     def add(self, svc: ServiceConfig) -> None:
-        from .cli import make_route
-
-        route = make_route(self.config, svc)
-        service = self.controller.add_service(svc, route.pool)
-        route.service = service.gate
-        self.routes[svc.name] = route
-        self._claim(svc)
-        self.router.add(svc.hosts, svc.paths, route)
+        self.discovered[svc.name] = svc
         log.info("service %s: discovered (%s), hosts %s", svc.name, svc.docker.describe(), ", ".join(svc.hosts))
+        task = asyncio.get_running_loop().create_task(self.runtime.rediscover())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def remove(self, name: str) -> None:
-        route = self.routes.pop(name, None)
-        if route is None:
+        if self.discovered.pop(name, None) is None:
             return
-        self.router.remove(route)
-        self.routed = {k: v for k, v in self.routed.items() if v != name}
-        await self.controller.remove_service(name)
-        route.pool.close_idle()
+        await self.runtime.forget(name)
         log.info("service %s: its containers are gone; removed", name)
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
 
 class Discovery:
@@ -145,6 +148,7 @@ class Discovery:
     async def close(self) -> None:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.live.close()
         if self.engine is not None:
             self.engine.unlisten(self._on_event)
             await self.engine.release()

@@ -147,6 +147,7 @@ class Service:
             self.listeners.append(lambda service, refused: self.gate.answer(refused))
         self.state = ASLEEP
         self.wanted = False  # a gate holds requests and asked for a wake that has not been answered
+        self.wake_after: asyncio.Future | None = None  # a predecessor (reload) that must be gone first
         self.ready_since = 0.0
         self.wakes = 0
         self.sleeps = 0
@@ -237,6 +238,11 @@ class Service:
 
     def request_wake(self) -> None:
         self._command("wake")
+
+    def request_idle_check(self) -> None:
+        """The idle timeout changed (a reload): look again now."""
+        if self._kick is not None:
+            self._kick.set()
 
     def request_sleep(self, reason: str = "admin") -> None:
         self._command("sleep:" + reason)
@@ -377,6 +383,9 @@ class Service:
         self._set("wake")
         started = time.monotonic()
         deadline = started + self.wake_timeout
+        if self.wake_after is not None:  # the service it replaces is still draining: wait for its stop
+            await asyncio.wait({self.wake_after}, timeout=self.wake_timeout)
+            self.wake_after = None
         try:
             await asyncio.wait_for(self.backend.wake(deadline), self.wake_timeout)
         except asyncio.TimeoutError:

@@ -9,7 +9,10 @@ thread, which does the disk I/O, so the event loop never blocks on it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import select
+import stat
 import sys
 import threading
 import time
@@ -45,6 +48,13 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    def absorb(self, counts: list[int], total: float) -> None:
+        """Add another process's histogram (same buckets) to this one."""
+        mine = self.counts
+        for i, n in enumerate(counts):
+            mine[i] += n
+        self.sum += total
+
     def cumulative(self) -> list[tuple[str, int]]:
         out = []
         total = 0
@@ -68,6 +78,30 @@ class ServiceStats:
         self.connect = Histogram()  # new upstream connections only
         self.upstream_errors: dict[str, int] = {}
 
+    HISTOGRAMS = ("duration", "queue", "upstream", "connect")
+
+    def export(self) -> dict:
+        """What a worker process sends the controller at scrape time (JSON-able)."""
+        out = {"codes": {str(code): n for code, n in self.codes.items()}, "upstream_errors": dict(self.upstream_errors)}
+        for name in self.HISTOGRAMS:
+            hist = getattr(self, name)
+            out[name] = [hist.counts, hist.sum]
+        return out
+
+    def absorb(self, exported: dict) -> None:
+        """Add a worker's export() to this one: counters summed, histograms merged bucket by bucket."""
+        codes = self.codes
+        for code, n in exported["codes"].items():
+            codes[int(code)] = codes.get(int(code), 0) + n
+        _add_counts(self.upstream_errors, exported["upstream_errors"])
+        for name in self.HISTOGRAMS:
+            getattr(self, name).absorb(*exported[name])
+
+
+def _add_counts(into: dict, more: dict) -> None:
+    for key, n in more.items():
+        into[key] = into.get(key, 0) + n
+
 
 class ProxyStats:
     """Errors that belong to no service (the request never got that far)."""
@@ -78,6 +112,15 @@ class ProxyStats:
         self.client_errors: dict[str, int] = {}
         self.access_dropped = 0
         self.accept_errors: dict[str, int] = {}  # fd_limit, admin_limit
+
+    def export(self) -> dict:
+        return {"client_errors": dict(self.client_errors), "access_dropped": self.access_dropped,
+                "accept_errors": dict(self.accept_errors)}
+
+    def absorb(self, exported: dict) -> None:
+        _add_counts(self.client_errors, exported["client_errors"])
+        self.access_dropped += exported["access_dropped"]
+        _add_counts(self.accept_errors, exported["accept_errors"])
 
 
 CLIENT_ERROR_REASONS = {
@@ -121,12 +164,16 @@ class AccessLog:
         # monotonic -> wall clock, taken once: a request costs no time.time() call
         self.wall_offset = time.time() - time.perf_counter()
         if target == "-":
-            self.file = sys.stdout.buffer
+            self.fd = sys.stdout.fileno()
         else:
             try:
-                self.file = open(target, "ab", buffering=1 << 16)
+                self.fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 raise OSError(f"access log {target}: {exc.strerror or exc}") from None
+        # Every worker process appends to the same file: each write() carries whole lines, and
+        # O_APPEND makes each one land in one piece at the end (nginx's workers share a log so). A
+        # pipe keeps a write whole only up to PIPE_BUF bytes, so there writes are cut at lines.
+        self.piece = None if stat.S_ISREG(os.fstat(self.fd).st_mode) else select.PIPE_BUF
         self.thread = threading.Thread(target=self._write, name="wakegate-access-log", daemon=True)
         self.thread.start()
         self._timer = loop.call_later(ACCESS_FLUSH_SECONDS, self._flush)
@@ -156,17 +203,31 @@ class AccessLog:
                 break
             n, data = item
             try:
-                self.file.write(data)
-                self.file.flush()
+                self._write_lines(data)
             except OSError as exc:  # a full disk must not take the proxy down
                 log.warning("access log: %s", exc)
             with self._lock:
                 self.queued_lines -= n
+
+    def _write_lines(self, data: bytes) -> None:
+        """Write whole lines, each write() ending at a line's end."""
+        view = memoryview(data)
+        while view:
+            end = len(view)
+            if self.piece is not None and end > self.piece:
+                cut = bytes(view[:self.piece]).rfind(b"\n")
+                end = cut + 1 if cut >= 0 else len(view)  # a line longer than a pipe's atom goes alone
+            written = os.write(self.fd, view[:end])
+            if written < end:  # a short write (full disk): finish the line, so the next starts clean
+                rest = view[written:end]
+                while rest:
+                    rest = rest[os.write(self.fd, rest):]
+            view = view[end:]
 
     def close(self) -> None:
         self._timer.cancel()
         self.flush()
         self.queue.put(None)
         self.thread.join(5)
-        if self.file is not sys.stdout.buffer:
-            self.file.close()
+        if self.target != "-":
+            os.close(self.fd)

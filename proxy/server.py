@@ -119,7 +119,7 @@ class ServiceRoute:
     """What a request is routed to: a service's name, its upstream pool, its controller
     Service (the acquire/release seam) and its no-wake rules."""
 
-    __slots__ = ("name", "name_bytes", "pool", "service", "no_wake", "stats")
+    __slots__ = ("name", "name_bytes", "pool", "pool_key", "service", "no_wake", "stats")
 
     def __init__(self, name: str, pool: UpstreamPool, service=None, no_wake=None) -> None:
         self.name = name
@@ -128,6 +128,7 @@ class ServiceRoute:
         self.service = service
         self.no_wake = no_wake  # (path prefixes, user-agent substrings, status) or None
         self.stats = ServiceStats()
+        self.pool_key = None  # what the pool was made from: a reload keeps the pool when it is the same
 
     def must_not_wake(self, head) -> bool:
         """A request that only asks whether the service is up (monitors): never a reason to wake it."""

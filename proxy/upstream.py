@@ -204,3 +204,8 @@ class UpstreamPool:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
+
+    async def drop_idle(self) -> None:
+        """close_idle(), and return once every process's idle connections to it are closed (a
+        snapshot must find no established sockets); here that is at once."""
+        self.close_idle()

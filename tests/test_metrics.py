@@ -68,7 +68,7 @@ def test_fast_exposition_matches_prometheus_client():
     services["w"] = {"hosts": ["w.test"], "upstream": "127.0.0.1:3", "command": ["sh"], "sleep": "pause"}
     config = from_dict({"proxy": {"listen": "127.0.0.1:1"}, "services": services})
     router, routes = build_router(config)
-    controller = Controller(config, {n: r.pool for n, r in routes.items()})
+    controller = Controller(config)
     loop = asyncio.new_event_loop()  # the server is only built, never run: its loop is closed here
     try:
         stats = ProxyServer(config.proxy, router, loop).stats

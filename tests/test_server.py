@@ -435,11 +435,12 @@ def test_only_safe_requests_are_retried_on_a_fresh_connection(start_wakegate, me
     origin = ScriptedOrigin(_gone_after_first)
     try:
         w = start_wakegate(f'[services.o]\nhosts = ["o.test"]\nupstream = "127.0.0.1:{origin.port}"\n')
-        c = Client(w.port)
+        c = Client(w.port)  # one keep-alive connection: one worker, whose pool the first request warms
         assert c.request(get("/warm", host="o.test")).status == 200  # one pooled connection now
         extra = "Content-Length: 0\r\n" if method in ("POST", "PUT", "PATCH") else ""
-        response = Client(w.port).request(
+        response = c.request(
             f"{method} /once HTTP/1.1\r\nHost: o.test\r\n{extra}\r\n".encode(), method.encode())
+        c.close()
         assert response.status == status
         assert [m for m, p, _ in origin.seen if p == "/once"] == [method] * times
     finally:

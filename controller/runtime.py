@@ -1,0 +1,233 @@
+"""``wakegate serve`` as one object: the controller, the proxy processes (controller/workers.py), the
+admin API and the metrics, started in order, reloaded in place, and stopped so nothing is left.
+
+A reload (SIGHUP or ``POST /reload``) reads the config file again. A config that fails validation
+changes nothing and is reported with its file and key, as ``nginx -s reload`` does. Otherwise the
+services are reconciled (Controller.reconcile) and every proxy process gets the new routes; the
+listen addresses and the worker count need a restart and are kept until then (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import signal
+import sys
+
+from proxy.board import SharedBoard, local_board
+from proxy.metrics import ProxyStats, ServiceStats
+
+from .config import ConfigError, load
+from .controller import Controller, board_slots
+from .workers import InProcess, Workers, bind_listener
+
+log = logging.getLogger("wakegate")
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+class _Merged:
+    """What the metrics exposition reads of a route: its counters, summed over every worker."""
+
+    __slots__ = ("stats",)
+
+    def __init__(self) -> None:
+        self.stats = ServiceStats()
+
+
+class Runtime:
+    def __init__(self, config, log_level: str = "info") -> None:
+        self.config = config  # what runs: the file's services and discovered ones
+        self.file_config = config  # the config file as last loaded
+        self.log_level = log_level
+        self.controller: Controller | None = None
+        self.fleet = None
+        self.shared: SharedBoard | None = None
+        self.admin = None
+        self.exposition = None
+        self.admin_stats = ProxyStats()  # the admin listener's own errors
+        self.routes: dict[str, _Merged] = {}  # the exposition's view: merged per scrape
+        self.proxy_stats = ProxyStats()
+        self.discovery = None
+        self.reloads = 0
+        self._reloading = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    # ---- start, run, stop ----
+
+    async def run(self) -> int:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        workers = config.proxy.workers
+        slots = board_slots(config)
+        if workers > 1:
+            self.shared = SharedBoard(slots, workers)
+            board = self.shared.board
+        else:
+            board = local_board(slots)
+        try:
+            self.controller = controller = Controller(config, board)
+        except RuntimeError as exc:  # a backend that cannot run here (no CRIU, ...)
+            print(f"wakegate: {config.path}: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: a signal must never find us unprepared
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+        try:
+            sock = bind_listener(config.proxy.listen)
+        except OSError as exc:
+            print(f"wakegate: {config.path}: proxy.listen: cannot listen on {config.proxy.listen}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if workers > 1:
+            self.fleet = Workers(workers, config, self.shared, controller.slots(), controller.ask, self.log_level)
+        else:
+            self.fleet = InProcess(config, board, controller.slots(), controller.ask)
+        controller.attach(self.fleet)
+        try:
+            await self.fleet.start(sock)
+        except OSError as exc:  # the access log cannot be opened
+            sock.close()
+            print(f"wakegate: {config.path}: log.access: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+        controller.reap_leftovers()  # the listener is ours: no live wakegate is this instance
+        if config.metrics.enabled:
+            from .metrics import FastExposition
+
+            self.exposition = FastExposition(controller, self.routes, self.proxy_stats)
+        from .admin import start_admin
+
+        try:
+            self.admin = await start_admin(controller, config.admin, self.exposition, self.admin_stats, runtime=self)
+        except OSError as exc:
+            print(f"wakegate: {config.path}: admin.listen: cannot listen on {config.admin.listen}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            await self.fleet.drain(0)
+            return EXIT_CONFIG
+        controller.start()
+        if config.discovery.enabled:
+            from .discovery import Discovery, LiveServices
+
+            self.discovery = Discovery(LiveServices(self), config.discovery.socket)
+            await self.discovery.start()
+        # Everything built so far (config, services) lives as long as the process: keep it out of the
+        # garbage collector's full passes, which otherwise walk ~20 objects per configured service.
+        gc.collect()
+        gc.freeze()
+        from . import __version__
+        from .cli import _implementation
+
+        log.info("wakegate %s listening on %s (admin %s), %d services, %d proxy %s, parser: %s", __version__,
+                 config.proxy.listen, config.admin.listen, len(config.services), workers,
+                 "process" if workers == 1 else "worker processes", _implementation())
+        await self._stop.wait()
+        return await self._shutdown()
+
+    async def _shutdown(self) -> int:
+        grace = self.config.proxy.drain_timeout
+        log.info("draining: no new connections; in-flight requests get %.1fs", grace)
+        cut = await self.fleet.drain(grace)
+        if cut:
+            log.warning("drain: %d connections were still busy at the end of the grace period", cut)
+        if self.discovery is not None:
+            await self.discovery.close()
+        await self.controller.close()  # stops every backend process: nothing is left behind
+        await self.admin.close()
+        if self.shared is not None:
+            self.shared.close()
+        log.info("stopped")
+        return 0
+
+    # ---- metrics over every worker ----
+
+    async def refresh_stats(self) -> None:
+        """Sum every worker's counters into the exposition's view (at scrape time only)."""
+        exports = await self.fleet.stats()
+        routes: dict[str, _Merged] = {}
+        proxy = ProxyStats()
+        proxy.absorb(self.admin_stats.export())
+        for export in exports:
+            proxy.absorb(export["proxy"])
+            for name, stats in export["services"].items():
+                merged = routes.get(name)
+                if merged is None:
+                    merged = routes[name] = _Merged()
+                merged.stats.absorb(stats)
+        self.routes.clear()
+        self.routes.update(routes)
+        for field in ("client_errors", "accept_errors"):
+            setattr(self.proxy_stats, field, getattr(proxy, field))
+        self.proxy_stats.access_dropped = proxy.access_dropped
+
+    def workers(self) -> list[dict]:
+        return self.fleet.describe()
+
+    # ---- reload ----
+
+    def _reload_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def reload(self) -> dict:
+        """Read the config file again and apply it; {"ok": bool, "error" or "changes": ...}."""
+        async with self._reloading:
+            try:
+                new = load(self.config.path)
+            except ConfigError as exc:
+                log.error("reload: %s; keeping the running config", exc)
+                return {"ok": False, "error": str(exc)}
+            return await self._apply(new, "reload")
+
+    async def rediscover(self) -> dict:
+        """Discovery's services changed: apply them with the config file's."""
+        async with self._reloading:
+            return await self._apply(self.file_config, "discovery")
+
+    async def forget(self, name: str) -> None:
+        """A discovered service whose containers are gone: let go of it without stopping anything."""
+        async with self._reloading:
+            await self.controller.remove_service(name)
+            services = {n: s for n, s in self.config.services.items() if n != name}
+            self.config = dataclasses.replace(self.config, services=services)
+            await self.fleet.reload(self.config, self.controller.slots())
+            self.controller.settle()
+
+    async def _apply(self, new, why: str) -> dict:
+        """Make a validated config the running one (a reload, or discovery's services changing)."""
+        file_config = new
+        old = self.config
+        kept = []
+        for key in ("listen", "workers"):
+            if getattr(new.proxy, key) != getattr(old.proxy, key):
+                kept.append(f"proxy.{key}")
+        if new.admin != old.admin:
+            kept.append("admin")
+        if new.log.access != old.log.access:
+            kept.append("log.access")
+        if kept:
+            log.warning("%s: %s changed; that takes a restart (keeping the running values)", why, ", ".join(kept))
+            new = dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen,
+                                                                     workers=old.proxy.workers),
+                                      admin=old.admin, log=dataclasses.replace(new.log, access=old.log.access))
+        if self.discovery is not None:
+            discovered = {n: s for n, s in self.discovery.live.discovered.items() if n not in new.services}
+            new = dataclasses.replace(new, services={**discovered, **new.services})
+        try:
+            changes = self.controller.reconcile(new)
+        except RuntimeError as exc:  # out of board slots
+            log.error("%s: %s; keeping the running config", why, exc)
+            return {"ok": False, "error": str(exc)}
+        self.config, self.file_config = new, file_config
+        await self.fleet.reload(new, self.controller.slots())
+        self.controller.settle()
+        self.reloads += 1
+        for line in changes:
+            log.info("%s: service %s", why, line)
+        log.info("%s: done (%d services, %d changes)", why, len(new.services), len(changes))
+        return {"ok": True, "changes": changes, "kept": kept}
+
+    def stop(self) -> None:
+        self._stop.set()

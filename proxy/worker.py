@@ -1,0 +1,317 @@
+"""The data path of one process: the router, each service's upstream pool, gate and counters, the
+client listener and the access log, built from a validated config and rebuilt on a reload without
+dropping a connection or a held request. ``python -m proxy.worker`` runs one in a proxy worker
+process under a controller (controller/workers.py), which it talks to over one Unix socket.
+
+Messages on that socket are length-prefixed pickles (both ends are wakegate, started together):
+worker -> controller ``ask`` (a gate holds requests: wake the service in that board slot),
+``ready``, ``stats``; controller -> worker ``start``, ``answer`` (a wake's outcome), ``flush``
+(the service's process went away: drop its idle upstream connections), ``stats`` (a scrape),
+``config`` (a reload). A request for a READY service sends nothing: the board admits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+
+from .gate import Gate
+from .seam import Refused
+
+log = logging.getLogger("wakegate.worker")
+
+EXPIRE_TICK_MAX = 0.1  # how often held requests are checked against wake_timeout, at most
+CONTROLLER_GONE_GRACE = 1.0  # in-flight requests get this long when the controller dies
+FRAME = struct.Struct(">I")
+MAX_MESSAGE = 64 * 1024 * 1024  # a scrape of thousands of services is a few MB; more is a bug
+
+
+class Channel:
+    """Length-prefixed pickles over an asyncio stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def over(cls, sock: socket.socket) -> "Channel":
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
+        return cls(reader, writer)
+
+    def send(self, message: dict) -> None:
+        if self.writer.is_closing():
+            return
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.writer.write(FRAME.pack(len(data)) + data)
+
+    async def receive(self) -> dict | None:
+        """The next message, or None at the end of the stream."""
+        try:
+            head = await self.reader.readexactly(FRAME.size)
+            (size,) = FRAME.unpack(head)
+            if size > MAX_MESSAGE:
+                raise ValueError(f"message of {size} bytes")
+            return pickle.loads(await self.reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def connection_share(limit: int, workers: int, worker: int) -> int:
+    """This worker's part of upstream_max_connections, which bounds the whole front door (as
+    HAProxy's per-server maxconn does; nginx's max_conns is per worker unless in a shared zone):
+    the limit split evenly, the remainder to the first workers, at least one each. 0: no limit."""
+    if not limit:
+        return 0
+    return max(1, limit // workers + (1 if worker < limit % workers else 0))
+
+
+def _pool_key(config, svc, limit: int) -> tuple:
+    return (svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive, limit)
+
+
+class DataPath:
+    """One process's proxy: routes built from a config, gates on the board, the listener.
+
+    ``ask(slot)`` is how a gate reaches the controller (a message, or a call in one process);
+    ``answer(slot, refused)`` and ``flush(slot)`` are the controller's way back.
+    """
+
+    def __init__(self, config, board, worker: int, slots: dict[str, int], ask, loop=None) -> None:
+        from .server import ProxyServer
+
+        self.loop = loop or asyncio.get_running_loop()
+        self.board = board
+        self.worker = worker
+        self.ask = ask
+        self.config = config
+        self.routes: dict = {}
+        self.gates: dict[int, Gate] = {}  # slot -> gate
+        self.holding: set[Gate] = set()  # gates with held requests: all the expiry tick visits
+        self.server = ProxyServer(config.proxy, None, self.loop)
+        self._apply(config, slots)
+        self.server.server_timing = config.log.server_timing
+        self.server.measure = config.metrics.enabled
+        self._ticker = None
+
+    # ---- building and rebuilding the routes ----
+
+    def _apply(self, config, slots: dict[str, int]) -> None:
+        from controller.cli import build_router
+
+        old_routes, old_gates = self.routes, self.gates
+        router, routes = build_router(config)
+        gates: dict[int, Gate] = {}
+        limit = connection_share(config.proxy.upstream_max_connections, self.board.workers, self.worker)
+        for name, route in routes.items():
+            svc = config.services[name]
+            old = old_routes.get(name)
+            key = _pool_key(config, svc, limit)
+            if old is not None and old.pool_key == key:
+                route.pool = old.pool  # same upstream: its warm connections stay
+            else:
+                route.pool.max_connections = limit
+            route.pool_key = key
+            if old is not None:
+                route.stats = old.stats  # counters go on
+            slot = slots[name]
+            gate = old_gates.get(slot)
+            if gate is None or gate.name != name:
+                gate = Gate(name, self.board, slot, self.worker, max_queue=svc.max_queue,
+                            wake_timeout=svc.wake_timeout, ask=self._ask)
+                gate.holding = self.holding
+            gate.max_queue, gate.wake_timeout = svc.max_queue, svc.wake_timeout
+            gates[slot] = gate
+            route.service = gate
+        for name, old in old_routes.items():
+            route = routes.get(name)
+            if route is None or route.pool is not old.pool:
+                old.pool.close_idle()  # requests in flight finish on their own connections
+        for slot, gate in old_gates.items():
+            if gates.get(slot) is not gate:
+                self.holding.discard(gate)
+                gate.close("the service was removed from the config")
+        self.routes, self.gates, self.config = routes, gates, config
+        self.server.router = router
+        self.tick = min([EXPIRE_TICK_MAX] + [s.wake_timeout / 10 for s in config.services.values()])
+
+    def reload(self, config, slots: dict[str, int]) -> None:
+        """A new config: new and changed routes take new requests; connections and held requests stay."""
+        from .server import Limits
+
+        self._apply(config, slots)
+        self.server.settings = config.proxy
+        self.server.limits = Limits(config.proxy)  # new connections read it; open ones keep theirs
+        self.server.server_timing = config.log.server_timing
+        self.server.measure = config.metrics.enabled
+
+    def _ask(self, gate: Gate) -> None:
+        self.ask(gate.slot)
+
+    # ---- the controller's way back ----
+
+    def answer(self, slot: int, refused: Refused | None) -> None:
+        gate = self.gates.get(slot)
+        if gate is not None:
+            gate.answer(refused)
+
+    def flush(self, slot: int) -> None:
+        gate = self.gates.get(slot)
+        if gate is not None:
+            route = self.routes.get(gate.name)
+            if route is not None:
+                route.pool.close_idle()
+
+    def move(self, slot: int, host: str, port: int) -> None:
+        """The service answers at another address now (a container's published port)."""
+        gate = self.gates.get(slot)
+        route = self.routes.get(gate.name) if gate is not None else None
+        if route is not None and (route.pool.host, route.pool.port) != (host, port):
+            route.pool.close_idle()
+            route.pool.host, route.pool.port = host, port
+
+    def stats(self) -> dict:
+        return {"services": {name: route.stats.export() for name, route in self.routes.items()},
+                "proxy": self.server.stats.export(), "connections": len(self.server.connections)}
+
+    # ---- life ----
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen (on sock when given: a listener shared by every worker) and start the ticks."""
+        if self.config.log.access:
+            from .metrics import AccessLog
+
+            self.server.access_log = AccessLog(self.config.log.access, self.loop, self.server.stats)
+        try:
+            await self.server.start(sock)
+        except BaseException:
+            self._close_access_log()
+            raise
+        self._ticker = self.loop.call_later(self.tick, self._expire)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for gate in list(self.holding):
+            gate.expire(now)
+            if not gate.queue:
+                self.holding.discard(gate)
+        self._ticker = self.loop.call_later(self.tick, self._expire)
+
+    async def drain(self, grace: float) -> int:
+        """Stop accepting, let in-flight requests finish within grace, refuse held ones; return
+        the connections cut off."""
+        for gate in self.gates.values():
+            gate.closing = "wakegate is shutting down"
+        cut = await self.server.drain(grace)
+        for gate in self.gates.values():
+            gate.close("wakegate is shutting down")
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for route in self.routes.values():
+            route.pool.close_idle()
+        self._close_access_log()
+        return cut
+
+    def _close_access_log(self) -> None:
+        if self.server.access_log is not None:
+            self.server.access_log.close()
+            self.server.access_log = None
+
+
+# ---- the worker process ------------------------------------------------------------------
+
+async def run_worker(control_fd: int, listen_fd: int, board_fd: int) -> int:
+    from .board import attach
+
+    loop = asyncio.get_running_loop()
+    channel = await Channel.over(socket.socket(fileno=control_fd))
+    start = await channel.receive()
+    if start is None:
+        return 0  # the controller went away before we started
+    board, mapping = attach(board_fd, start["board_slots"], start["board_workers"])
+    listener = socket.socket(fileno=listen_fd)
+    config = start["config"]
+    path = DataPath(config, board, start["worker"], start["slots"], lambda slot: channel.send({"op": "ask", "slot": slot}))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the controller's: it tells us the new config
+    await path.start(listener)
+    channel.send({"op": "ready", "pid": os.getpid()})
+    receiving = loop.create_task(_serve_controller(channel, path))
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    controller_gone = receiving.done()
+    receiving.cancel()
+    stopping.cancel()
+    grace = CONTROLLER_GONE_GRACE if controller_gone else config.proxy.drain_timeout
+    if controller_gone:
+        log.warning("worker %d: the controller is gone; exiting", start["worker"])
+    cut = await path.drain(min(grace, path.config.proxy.drain_timeout))
+    if cut:
+        log.warning("worker %d: %d connections were still busy at the end of the grace period", start["worker"], cut)
+    channel.send({"op": "drained", "cut": cut})
+    await channel.close()
+    del board
+    return 0
+
+
+async def _serve_controller(channel: Channel, path: DataPath) -> None:
+    while True:
+        message = await channel.receive()
+        if message is None:
+            return
+        op = message["op"]
+        if op == "answer":
+            refused = message.get("refused")
+            path.answer(message["slot"], None if refused is None else Refused(*refused))
+        elif op == "stats":
+            channel.send({"op": "stats", "id": message["id"], "stats": path.stats()})
+        elif op == "flush":
+            path.flush(message["slot"])
+            if "id" in message:
+                channel.send({"op": "flushed", "id": message["id"]})
+        elif op == "upstream":
+            path.move(message["slot"], message["host"], message["port"])
+        elif op == "config":
+            path.reload(message["config"], message["slots"])
+            channel.send({"op": "reloaded", "id": message["id"]})
+        else:
+            log.error("worker: unknown message %r from the controller", op)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wakegate-worker", description="a wakegate proxy worker (started by "
+                                     "`wakegate serve`, not by hand)")
+    parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--listen", type=int, required=True)
+    parser.add_argument("--board", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+    import uvloop
+
+    try:
+        return uvloop.run(run_worker(args.control, args.listen, args.board))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

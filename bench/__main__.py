@@ -30,6 +30,7 @@ from .common import (
     ensure_tools,
     free_port,
     nginx_conf,
+    nginx_proxy_conf,
     run_wrk,
     start,
     tool,
@@ -110,23 +111,8 @@ def setup_targets(tmp: Path, body_bytes: int, measure_cost: bool = False) -> tup
     procs.append(wakegate)
 
     ngx_port = free_port()
-    ngx = start(
-        [tool("nginx"), "-c", str(nginx_conf(tmp, "proxy", f"""
-    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 256; keepalive_requests 1000000; }}
-    server {{
-        listen 127.0.0.1:{ngx_port} backlog=4096;
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_buffering off;
-        }}
-    }}"""))],
-        PROXY_CPU,
-        tmp / "nginx.log",
-    )
+    ngx = start([tool("nginx"), "-c", str(nginx_proxy_conf(tmp, "proxy", ngx_port, backend_port))], PROXY_CPU,
+                tmp / "nginx.log")
     procs.append(ngx)
 
     hap_port = free_port()
@@ -424,7 +410,7 @@ def parse_section(tiny: bool) -> dict:
             "c_vs": {name: value / c for name, value in medians.items() if c and name != "c"}}
 
 
-SCENARIOS = ("steady", "wake", "burst", "scale", "parse", "hostile")
+SCENARIOS = ("steady", "wake", "cores", "burst", "scale", "parse", "hostile")
 
 
 def run(args) -> dict:
@@ -460,6 +446,10 @@ def run(args) -> dict:
                 cycles = max(2, args.cycles // 2) if mode.slow_cycles else args.cycles
                 modes.append(wake.wake_mode(mode, cycles, progress=print, tiny=args.tiny))
             section = {"scenario": "wake", "modes": modes, "not_measured": not_measured}
+        elif name == "cores":
+            from .cores import cores
+
+            section = cores(args)
         elif name == "burst":
             from . import wake
 
@@ -498,6 +488,10 @@ def report(results: dict) -> str:
             from .hostile import markdown as hostile_markdown
 
             parts.append(hostile_markdown(section))
+        elif name == "cores":
+            from .cores import markdown as cores_markdown
+
+            parts.append(cores_markdown(section))
         elif name == "parse":
             lines = ["| parser | median µs per head | vs C |", "| --- | --- | --- |"]
             for parser, value in sorted(section["median_seconds"].items(), key=lambda kv: kv[1]):

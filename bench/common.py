@@ -75,10 +75,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def nginx_conf(tmp: Path, name: str, body: str) -> Path:
+def nginx_conf(tmp: Path, name: str, body: str, workers: int = 1) -> Path:
     conf = tmp / f"{name}.conf"
     conf.write_text(
-        f"""worker_processes 1;
+        f"""worker_processes {workers};
 daemon off;
 pid {tmp}/{name}.pid;
 error_log {tmp}/{name}.error.log warn;
@@ -93,6 +93,37 @@ http {{
 """
     )
     return conf
+
+
+def nginx_proxy_conf(tmp: Path, name: str, port: int, backend_port: int, workers: int = 1) -> Path:
+    """nginx as the reverse proxy the benchmarks compare with: upstream keep-alive, no buffering."""
+    return nginx_conf(tmp, name, f"""
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 256; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+        }}
+    }}""", workers=workers)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """cpu_seconds of a process and all its descendants alive now (a master and its workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # it exited meanwhile
+            continue
+    return total
 
 
 def start(cmd: list[str], cpu: str, log: Path) -> subprocess.Popen:
@@ -127,9 +158,10 @@ def _seconds(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(port: int, connections: int, duration: float, host: str = HOST) -> dict:
+def run_wrk(port: int, connections: int, duration: float, host: str = HOST, threads: int = 1,
+            cpus: str = LOAD_CPU) -> dict:
     cmd = [
-        "taskset", "-c", LOAD_CPU, tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+        "taskset", "-c", cpus, tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
         "-H", f"Host: {host}", f"http://127.0.0.1:{port}/",
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)

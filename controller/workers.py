@@ -65,6 +65,13 @@ def _worker_env() -> dict:
     return env
 
 
+def _answered(stats: dict | None) -> int | None:
+    """Requests a process answered, from its exported counts (None: none received yet)."""
+    if stats is None:
+        return None
+    return sum(sum(s["codes"].values()) for s in stats["services"].values())
+
+
 class FleetPool(UpstreamPool):
     """The controller's own connections to one service (its readiness probes) that also speaks for
     the service's pool in every proxy process: closing idle connections closes theirs too, and a
@@ -138,7 +145,7 @@ class InProcess:
 
     def describe(self) -> list[dict]:
         return [{"worker": 0, "pid": os.getpid(), "alive": True, "restarts": 0,
-                 "connections": len(self.path.server.connections)}]
+                 "connections": len(self.path.server.connections), "requests": _answered(self.path.stats())}]
 
     async def reload(self, config, slots: dict[str, int]) -> None:
         self.path.reload(config, slots)
@@ -161,6 +168,7 @@ class _Worker:
         self.backoff = RESTART_BACKOFF_MIN
         self.last_stats: dict | None = None
         self.reader: asyncio.Task | None = None
+        self.generation = 0  # of the config it was given
 
 
 class Workers:
@@ -176,6 +184,7 @@ class Workers:
         self.listener: socket.socket | None = None
         self.workers = [_Worker(i) for i in range(count)]
         self.retired: list[dict] = []  # the last counts of workers that died, so totals never go back
+        self.generation = 0  # reloads so far: a worker that started with an older config gets the new one
         self.stopping = False
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
@@ -202,6 +211,7 @@ class Workers:
         worker.channel = await Channel.over(ours)
         ready = loop.create_future()
         worker.reader = loop.create_task(self._read(worker, ready), name=f"worker-{worker.index}")
+        worker.generation = self.generation
         worker.channel.send({"op": "start", "worker": worker.index, "config": self.config, "slots": self.slots,
                              "board_slots": self.shared.slots, "board_workers": self.shared.workers})
         try:
@@ -222,6 +232,9 @@ class Workers:
                 self.ask(message["slot"])
             elif op == "ready":
                 worker.ready = True
+                if worker.generation != self.generation:  # a reload happened while it started
+                    worker.generation = self.generation
+                    channel.send({"op": "config", "config": self.config, "slots": self.slots, "id": 0})
                 ready.done() or ready.set_result(None)
                 log.info("worker %d ready (pid %d)", worker.index, worker.pid)
             elif op in ("stats", "reloaded", "flushed"):
@@ -307,11 +320,17 @@ class Workers:
         return [w.last_stats for w in self.workers if w.last_stats is not None] + self.retired
 
     def describe(self) -> list[dict]:
+        """Per worker: pid, restarts, and its counts as of the last scrape (GET /metrics)."""
         return [{"worker": w.index, "pid": w.pid, "alive": w.ready, "restarts": w.restarts,
-                 "connections": (w.last_stats or {}).get("connections")} for w in self.workers]
+                 "connections": (w.last_stats or {}).get("connections"), "requests": _answered(w.last_stats)}
+                for w in self.workers]
 
     async def reload(self, config, slots: dict[str, int]) -> None:
         self.config, self.slots = config, slots  # what a worker started later gets
+        self.generation += 1
+        for worker in self.workers:
+            if worker.ready:
+                worker.generation = self.generation
         await self._ask_all({"op": "config", "config": config, "slots": slots}, WORKER_START_TIMEOUT)
 
     async def drain(self, grace: float) -> int:

@@ -2,7 +2,8 @@
 
 A service offers ``acquire()``, which returns a lease (granted now, or held while the service
 wakes) or raises ``Refused``; the lease's ``release()`` ends the request's claim; ``awake``
-says whether a request would be served without a wake. controller/service.py implements it.
+says whether a request would be served without a wake. proxy/gate.py implements it in every
+proxy process, over the shared board (proxy/board.py) and a wake ask to controller/service.py.
 """
 
 from __future__ import annotations

@@ -948,7 +948,8 @@ class ClientConnection(asyncio.Protocol):
         """A request we cannot read on from: answer (if nothing was sent yet) and close."""
         log.info("client %s: %d %s", self.client_addr.decode(), status, why)
         self._count_client_error(status)
-        if not self.responded and self.state != S_CLOSED:
+        # Waiting for a head, nothing was sent for this request yet, whatever the last one did.
+        if (self.state == S_HEAD or not self.responded) and self.state != S_CLOSED:
             out = error_response(status, False)
             self.transport.write(out)
             self.responded = True

@@ -84,13 +84,17 @@ class Wakegate:
         self.admin_port = free_port()
         OUR_INSTANCES.add(f"127.0.0.1-{self.port}")  # its cgroups are ours to check (see no_leaks)
         self.config_path = tmp / f"wakegate-{self.port}.toml"
+        self.rewrite(config, admin_extra)
+        self.log_path = tmp / f"wakegate-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        self._spawn()
+
+    def rewrite(self, config: str, admin_extra: str = "") -> None:
+        """Write the config file (the same listeners), for a start or a reload."""
         self.config_path.write_text(
             f'[proxy]\nlisten = "127.0.0.1:{self.port}"\n' + config.replace("[proxy]\n", "")
             + f'\n[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n{admin_extra}\n'
         )
-        self.log_path = tmp / f"wakegate-{self.port}.log"
-        self.log = open(self.log_path, "wb")
-        self._spawn()
 
     def restart(self) -> None:
         """Start wakegate again with the same config (and so the same ports), after it exited."""

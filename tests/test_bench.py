@@ -1,6 +1,7 @@
 """bench/: every scenario in its tiny mode, end to end, and the shape and sanity of what it writes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -98,6 +99,20 @@ def test_hostile_measures_a_polite_client_under_attack(tiny_run):
     assert 10 < section["rss_mib"]["start"] <= section["rss_mib"]["peak"] < 500
 
 
+def test_cores_compares_every_worker_count_with_nginx(tiny_run):
+    _, results, _ = tiny_run
+    section = results["sections"]["cores"]
+    counts = [int(n) for n in section["by_workers"]]
+    assert counts == list(range(1, len(os.sched_getaffinity(0)) + 1))
+    for entry in section["by_workers"].values():
+        for target in ("wakegate", "nginx"):
+            assert entry[target]["rps"] > 0 and entry[target]["errors"] == 0 and entry[target]["cpu_us_per_request"] > 0
+        assert entry["wakegate_vs_nginx"] > 0
+    assert set(section["wake"]) == {"1", "2"}
+    for wake in section["wake"].values():
+        assert wake["first_request"]["n"] == wake["awake"]["n"] > 0
+
+
 def test_outputs_written(tiny_run):
     out, results, stdout = tiny_run
     assert sorted(results["plots"]) == sorted(p.name for p in out.glob("*.png"))
@@ -106,7 +121,7 @@ def test_outputs_written(tiny_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (md,) = out.glob("all-*.md")
     text = md.read_text()
-    for heading in ("### steady", "### wake", "### burst", "### scale", "### parse", "### hostile"):
+    for heading in ("### steady", "### wake", "### cores", "### burst", "### scale", "### parse", "### hostile"):
         assert heading in text
     assert "round 1/1" in stdout  # progress is shown
 

@@ -591,3 +591,17 @@ def test_running_out_of_file_descriptors_is_counted_and_said(backend, start_wake
     assert count and count[0] >= 1, text[-500:]
     assert "out of file descriptors (limit 64" in w.output()
     assert Client(w.port).request(get("/hello")).body == b"hello"  # and it serves again
+
+
+@pytest.mark.parametrize("second, status", [
+    (b"GET / HTTP/1.1\r\nHost: svc.test\r\nX-Big: " + b"x" * 400 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: svc.test\r\nBad Name: x\r\n\r\n", 400),
+])
+def test_a_bad_second_request_on_a_keepalive_connection_is_answered(backend, start_wakegate, second, status):
+    """The error answer must not depend on what the connection's earlier exchange sent."""
+    w = start_wakegate(config_for(backend.port, "max_head_size = 256"))
+    c = Client(w.port)
+    assert c.request(get("/hello")).status == 200
+    assert c.request(second).status == status
+    assert c.is_closed()
+    c.close()

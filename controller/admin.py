@@ -69,8 +69,12 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
     async def services(request):
         body = {"services": controller.snapshot()}
         if runtime is not None:
-            body["workers"] = runtime.workers()
+            body["workers"] = workers = runtime.workers()
             body["reloads"] = runtime.reloads
+            pids = {w["worker"]: w["pid"] for w in workers}
+            for service in body["services"]:
+                for column in service["workers"]:
+                    column["pid"] = pids.get(column["worker"])
         return _json(body)
 
     async def reload(request):

@@ -196,8 +196,9 @@ def test_a_dead_worker_is_restarted_and_its_requests_reclaimed(start_wakegate):
     while state(w, "dw")["in_flight"] != 1:
         assert time.monotonic() < deadline, state(w, "dw")
         time.sleep(0.02)
-    (busy,) = [x["worker"] for x in state(w, "dw")["workers"] if x["in_flight"]]
-    old_pid = workers_of(w)[busy]["pid"]
+    (busy,) = [x for x in state(w, "dw")["workers"] if x["in_flight"]]
+    old_pid, busy = busy["pid"], busy["worker"]
+    assert workers_of(w)[busy]["pid"] == old_pid
     os.kill(old_pid, signal.SIGKILL)
     assert c.is_closed()
     c.close()

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: docker run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean \
-	fuzz-deps fuzz-build fuzz-quick fuzz criu
+	fuzz-deps fuzz-build fuzz-quick fuzz criu wasm
 
 # Debian packages the build needs: venv, a compiler and the Python headers.
 system-deps:
@@ -29,8 +29,12 @@ build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import proxy._speedups, proxy.http11 as h; assert h.IMPLEMENTATION == 'c', h.IMPLEMENTATION"
 
-run: setup guest criu
+run: setup guest criu wasm
 	$(PY) examples/demo.py
+
+# The WebAssembly handlers (examples/wasm, tests/wasm) in build/wasm: clang's wasm32-wasi target, from Debian.
+wasm: setup
+	PY=$(PY) sh deploy/wasm.sh
 
 # QEMU, busybox and lz4 for the microVM service (config.example.toml's `vm`), from Debian's packages.
 VM_PACKAGES := qemu-system-x86 busybox-static lz4
@@ -74,7 +78,7 @@ docker:
 
 # The whole suite against the C extension, then against the pure-Python twin, after a bounded
 # fuzz run of the C entry points under AddressSanitizer.
-test: setup test-deps criu docker guest fuzz-quick test-c test-python
+test: setup test-deps criu docker wasm guest fuzz-quick test-c test-python
 
 # Fuzzing (tests/fuzz/http11_fuzz.py): the extension built with clang's ASan and libFuzzer
 # instrumentation into build/fuzz, driven by atheris with its ASan runtime preloaded. Every input is

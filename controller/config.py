@@ -180,6 +180,29 @@ class CriuConfig:
     warmup: tuple[str, ...] = ()  # paths requested after a cold start, before the prepared snapshot
 
 
+WASM_MAX_MEMORY = 64 * 1024 * 1024  # linear memory per instance; Fastly Compute's heap limit is 128 MB
+WASM_MAX_TIME = 1.0  # wall time per request; Cloudflare Workers allow 10-50 ms of CPU, Fastly 60 s of wall time
+WASM_MAX_RESPONSE = 10 * 1024 * 1024  # response bytes a handler may write; Fastly's default body cap is 8 MB
+WASM_MAX_BODY = 10 * 1024 * 1024  # request body a handler gets on stdin (held in memory); the same order
+WASM_INSTANCES = 8  # handlers running at once per proxy process; more requests wait their turn
+WASM_MAX_INSTANCES = 256
+
+
+@dataclass(frozen=True)
+class WasmConfig:
+    """A WebAssembly (WASI) module that answers each request in a fresh instance, CGI-style."""
+
+    module: str  # absolute path of the .wasm
+    cache_dir: str  # compiled modules, so a restart does not compile again
+    env: tuple[tuple[str, str], ...] = ()
+    dirs: tuple[tuple[str, str, bool], ...] = ()  # (guest path, host path, writable)
+    max_memory: int = WASM_MAX_MEMORY
+    max_time: float = WASM_MAX_TIME
+    max_response: int = WASM_MAX_RESPONSE
+    max_body: int = WASM_MAX_BODY
+    instances: int = WASM_INSTANCES
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     name: str
@@ -200,6 +223,7 @@ class ServiceConfig:
     criu: CriuConfig | None = None  # set: a command service with sleep = "snapshot"
     docker: DockerConfig | None = None  # set: the service is a Docker container (or several)
     oci: OCIConfig | None = None  # set: the service is an OCI bundle run by runc (or crun, runsc)
+    wasm: WasmConfig | None = None  # set: wakegate runs the service's WebAssembly module per request
 
     @property
     def wakeable(self) -> bool:
@@ -579,6 +603,42 @@ def _oci(o: _Reader, path: str) -> OCIConfig:
                      log=str(_beside(path, log)) if log else "", runtime_args=tuple(o.strings("runtime_args")))
 
 
+def _wasm(w: _Reader, path: str) -> WasmConfig:
+    module = w.get("module")
+    if not isinstance(module, str) or not module:
+        raise w.error("module", 'missing; the path of the WebAssembly module, like "handlers/hello.wasm"')
+    file = _beside(path, module)
+    if not file.is_file():
+        raise w.error("module", f"{str(file)!r} does not exist")
+    with open(file, "rb") as f:
+        if f.read(4) != b"\0asm":
+            raise w.error("module", f"{str(file)!r} is not a WebAssembly module (no \\0asm magic)")
+    env = w.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise w.error("env", 'expected a table of strings, like { GREETING = "hi" }')
+    dirs = []
+    for key, writable in (("dirs", False), ("writable_dirs", True)):
+        table = w.get(key, {})
+        if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+            raise w.error(key, 'expected a table of guest path = host folder, like { "/static" = "public" }')
+        for guest, host in table.items():
+            folder = _beside(path, host)
+            if not guest.startswith("/"):
+                raise w.error(key, f"guest path {guest!r} must be absolute")
+            if not folder.is_dir():
+                raise w.error(key, f"{str(folder)!r} (for {guest}) is not a folder")
+            dirs.append((guest, str(folder), writable))
+    cache = w.string("cache_dir", ".cache/wasm")
+    return WasmConfig(
+        module=str(file), cache_dir=str(_beside(path, cache)), env=tuple(env.items()), dirs=tuple(dirs),
+        max_memory=w.size("max_memory", WASM_MAX_MEMORY, minimum=65536),
+        max_time=w.duration("max_time", WASM_MAX_TIME),
+        max_response=w.size("max_response", WASM_MAX_RESPONSE, minimum=1),
+        max_body=w.size("max_body", WASM_MAX_BODY),
+        instances=w.integer("instances", WASM_INSTANCES, 1, WASM_MAX_INSTANCES),
+    )
+
+
 _WAKE_KEYS = ("cwd", "env", "sleep", "snapshot_policy", "idle_timeout", "wake_timeout", "max_queue", "ready_path",
               "no_wake")
 
@@ -595,11 +655,18 @@ def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
     """The keys that make a service sleep and wake: a command or a microVM, and when and how."""
     out: dict = {}
     command = r.get("command")
-    kinds = [k for k in ("command", "microvm", "docker", "oci") if r.has(k)]
+    kinds = [k for k in ("command", "microvm", "docker", "oci", "wasm") if r.has(k)]
     if len(kinds) > 1:
         r.get(kinds[1])
-        raise r.error(kinds[1], f"a service has one of a command, a microvm, a docker or an oci table; this one "
-                      f"also has {kinds[0]!r}")
+        raise r.error(kinds[1], f"a service has one of a command, a microvm, a docker, an oci or a wasm table; this "
+                      f"one also has {kinds[0]!r}")
+    if r.has("wasm"):
+        w = r.sub("wasm")
+        out["wasm"] = _wasm(w, path)
+        w.finish()
+        _refuse(r, _WAKE_KEYS, "does not apply to a wasm service: each request runs in a fresh instance, "
+                "there is nothing to wake")
+        return out
     if command is not None:
         out.update(_command(r, path, command))
         modes = SLEEP_MODES
@@ -783,6 +850,11 @@ def _service(r: _Reader, name: str, path: str, hosts_optional: bool = False) -> 
     docker = r.table.get("docker")
     if not r.has("upstream") and isinstance(docker, dict) and docker.get("port"):
         upstream = Address("127.0.0.1", 0)  # found at each wake from the container (DockerConfig.port)
+    elif r.has("wasm"):
+        if r.has("upstream"):
+            r.get("upstream")
+            raise r.error("upstream", "a wasm service is answered by wakegate itself; it has no upstream")
+        upstream = Address("127.0.0.1", 0)  # each proxy process's own handler listener, set when it starts
     else:
         upstream = r.address("upstream")
     lifecycle = _lifecycle(r, path, upstream)

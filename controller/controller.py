@@ -229,7 +229,7 @@ class Controller:
                 {
                     "name": name,
                     "state": s.state.value,
-                    "mode": backend.mode if backend else None,
+                    "mode": backend.mode if backend else ("wasm" if self.configs[name].wasm else None),
                     "in_flight": s.in_flight,
                     "tunnels": s.tunnels,
                     "queued": s.queued,
@@ -245,6 +245,8 @@ class Controller:
                     "workers": [{"worker": w, "in_flight": self.board.column(s.slot, w)[0],
                                  "queued": self.board.column(s.slot, w)[2]} for w in range(self.board.workers)],
                     **(backend.describe() if backend else {"pid": None}),
+                    **({"wasm": {"module": self.configs[name].wasm.module, "instances": self.configs[name].wasm.instances}}
+                       if self.configs[name].wasm else {}),
                 }
             )
         return out

@@ -45,6 +45,10 @@ _FAMILIES = [
      ["service", "kind", "phase"]),
     ("wakegate_snapshot_save_seconds", "histogram", "Writing a snapshot (microVM or CRIU process), start to complete.",
      ["service"]),
+    ("wakegate_wasm_seconds", "histogram", "A wasm service's requests by phase: instantiate (a fresh instance), "
+     "run (the module until it exits) and write (then to the last byte of the response).", ["service", "phase"]),
+    ("wakegate_wasm_errors", "counter", "Wasm handler failures answered 502, by reason (trap, time, memory, "
+     "response_size, malformed, exit, module).", ["service", "reason"]),
     ("wakegate_client_errors", "counter", "Requests refused before routing (bad_request, head_too_large, ...).",
      ["reason"]),
     ("wakegate_access_log_dropped", "counter", "Access log lines dropped for a slow disk.", []),
@@ -72,7 +76,7 @@ class WakegateCollector:
     def collect(self):
         (requests, duration, queue, upstream, connect, in_flight, queued, wakes, wake_duration, wake_resume,
          wake_ready, sleeps, state, upstream_errors, boots, snapshot_bytes, resident_bytes, start_seconds,
-         save_seconds, client_errors,
+         save_seconds, wasm_seconds, wasm_errors, client_errors,
          dropped, accept_errors) = families = [
             _KINDS[kind](name, doc, labels=labels) for name, kind, doc, labels in _FAMILIES
         ]
@@ -93,6 +97,12 @@ class WakegateCollector:
                         _histogram(connect, [name], stats.connect)
                 for reason, n in stats.upstream_errors.items():
                     upstream_errors.add_metric([name, reason], n)
+                if stats.wasm is not None:
+                    if stats.wasm.run.count:
+                        for phase in stats.wasm.PHASES:
+                            _histogram(wasm_seconds, [name, phase], getattr(stats.wasm, phase))
+                    for reason, n in stats.wasm.errors.items():
+                        wasm_errors.add_metric([name, reason], n)
             in_flight.add_metric([name], service.in_flight)
             queued.add_metric([name], service.queued)
             current = service.state.value
@@ -178,8 +188,9 @@ class FastExposition:
         if stats is None:
             return (service.state, service.in_flight, service.queued, service.wakes, service.failures, service.sleeps,
                     snapshot)
+        wasm = (stats.wasm.run.sum, sum(stats.wasm.errors.values())) if stats.wasm is not None else ()
         return (service.state, service.in_flight, service.queued, service.wakes, service.failures, service.sleeps,
-                snapshot, stats.duration.sum, sum(stats.upstream_errors.values()))
+                snapshot, stats.duration.sum, sum(stats.upstream_errors.values()), wasm)
 
     def _service_lines(self, name: str, service, stats) -> list[list[str]]:
         per = [[] for _ in _PER_SERVICE]
@@ -199,6 +210,13 @@ class FastExposition:
                     _hist_lines(per[4], "wakegate_upstream_connect_seconds", label, stats.connect)
             for reason, n in stats.upstream_errors.items():
                 per[13].append(f'wakegate_upstream_errors_total{{{label},reason="{_escape(reason)}"}} {_num(n)}\n')
+            wasm = stats.wasm
+            if wasm is not None:
+                if wasm.run.count:
+                    for phase in wasm.PHASES:
+                        _hist_lines(per[19], "wakegate_wasm_seconds", f'{label},phase="{phase}"', getattr(wasm, phase))
+                for reason, n in wasm.errors.items():
+                    per[20].append(f'wakegate_wasm_errors_total{{{label},reason="{_escape(reason)}"}} {_num(n)}\n')
         per[5].append(f"wakegate_requests_in_flight{{{label}}} {_num(service.in_flight)}\n")
         per[6].append(f"wakegate_requests_queued{{{label}}} {_num(service.queued)}\n")
         mode_label = f'{label},mode="{mode}"'

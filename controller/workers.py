@@ -148,7 +148,7 @@ class InProcess:
                  "connections": len(self.path.server.connections), "requests": _answered(self.path.stats())}]
 
     async def reload(self, config, slots: dict[str, int]) -> None:
-        self.path.reload(config, slots)
+        await self.path.reload(config, slots)
 
     async def drain(self, grace: float) -> int:
         return await self.path.drain(grace)

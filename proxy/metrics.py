@@ -65,10 +65,35 @@ class Histogram:
         return out
 
 
+class WasmStats:
+    """A wasm service's handler phases and failures (proxy/wasm.py)."""
+
+    __slots__ = ("instantiate", "run", "write", "errors")
+    PHASES = ("instantiate", "run", "write")
+
+    def __init__(self) -> None:
+        self.instantiate = Histogram()  # a fresh store and instance
+        self.run = Histogram()  # _start, until the module exits
+        self.write = Histogram()  # the module's end to the response's last byte sent
+        self.errors: dict[str, int] = {}  # trap, time, memory, response_size, malformed, exit, module
+
+    def export(self) -> dict:
+        out = {"errors": dict(self.errors)}
+        for phase in self.PHASES:
+            hist = getattr(self, phase)
+            out[phase] = [hist.counts, hist.sum]
+        return out
+
+    def absorb(self, exported: dict) -> None:
+        _add_counts(self.errors, exported["errors"])
+        for phase in self.PHASES:
+            getattr(self, phase).absorb(*exported[phase])
+
+
 class ServiceStats:
     """Per-service request metrics, written by the data path only."""
 
-    __slots__ = ("codes", "duration", "queue", "upstream", "connect", "upstream_errors")
+    __slots__ = ("codes", "duration", "queue", "upstream", "connect", "upstream_errors", "wasm")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
@@ -77,6 +102,7 @@ class ServiceStats:
         self.upstream = Histogram()  # head sent to first response byte
         self.connect = Histogram()  # new upstream connections only
         self.upstream_errors: dict[str, int] = {}
+        self.wasm: WasmStats | None = None  # a wasm service's handler phases
 
     HISTOGRAMS = ("duration", "queue", "upstream", "connect")
 
@@ -86,6 +112,8 @@ class ServiceStats:
         for name in self.HISTOGRAMS:
             hist = getattr(self, name)
             out[name] = [hist.counts, hist.sum]
+        if self.wasm is not None:
+            out["wasm"] = self.wasm.export()
         return out
 
     def absorb(self, exported: dict) -> None:
@@ -96,6 +124,10 @@ class ServiceStats:
         _add_counts(self.upstream_errors, exported["upstream_errors"])
         for name in self.HISTOGRAMS:
             getattr(self, name).absorb(*exported[name])
+        if "wasm" in exported:
+            if self.wasm is None:
+                self.wasm = WasmStats()
+            self.wasm.absorb(exported["wasm"])
 
 
 def _add_counts(into: dict, more: dict) -> None:

@@ -102,6 +102,7 @@ class DataPath:
         self.routes: dict = {}
         self.gates: dict[int, Gate] = {}  # slot -> gate
         self.holding: set[Gate] = set()  # gates with held requests: all the expiry tick visits
+        self.wasm = None  # proxy/wasm.py's WasmServer, when the config has wasm services
         self.server = ProxyServer(config.proxy, None, self.loop)
         self._apply(config, slots)
         self.server.server_timing = config.log.server_timing
@@ -146,14 +147,37 @@ class DataPath:
                 self.holding.discard(gate)
                 gate.close("the service was removed from the config")
         self.routes, self.gates, self.config = routes, gates, config
+        self._apply_wasm(config)
         self.server.router = router
         self.tick = min([EXPIRE_TICK_MAX] + [s.wake_timeout / 10 for s in config.services.values()])
 
-    def reload(self, config, slots: dict[str, int]) -> None:
+    def _apply_wasm(self, config) -> None:
+        """Wasm services are answered by this process's own handler listener: point their routes at it."""
+        if self.wasm is None:
+            if not any(svc.wasm is not None for svc in config.services.values()):
+                return
+            from .wasm import WasmServer
+
+            self.wasm = WasmServer(self.loop)
+        from .metrics import WasmStats
+
+        self.wasm.configure(config)
+        for name, service in self.wasm.services.items():
+            route = self.routes[name]
+            if route.stats.wasm is None:
+                route.stats.wasm = WasmStats()
+            service.stats = route.stats.wasm
+            if self.wasm.port:
+                route.pool.host, route.pool.port = "127.0.0.1", self.wasm.port
+
+    async def reload(self, config, slots: dict[str, int]) -> None:
         """A new config: new and changed routes take new requests; connections and held requests stay."""
         from .server import Limits
 
         self._apply(config, slots)
+        if self.wasm is not None and self.wasm.server is None and self.server.server is not None:
+            await self.wasm.start()  # the first wasm service came with this reload
+            self._apply_wasm(config)
         self.server.settings = config.proxy
         self.server.limits = Limits(config.proxy)  # new connections read it; open ones keep theirs
         self.server.server_timing = config.log.server_timing
@@ -197,9 +221,14 @@ class DataPath:
 
             self.server.access_log = AccessLog(self.config.log.access, self.loop, self.server.stats)
         try:
+            if self.wasm is not None:
+                await self.wasm.start()
+                self._apply_wasm(self.config)
             await self.server.start(sock)
         except BaseException:
             self._close_access_log()
+            if self.wasm is not None:
+                self.wasm.close()
             raise
         self._ticker = self.loop.call_later(self.tick, self._expire)
 
@@ -224,6 +253,8 @@ class DataPath:
             self._ticker = None
         for route in self.routes.values():
             route.pool.close_idle()
+        if self.wasm is not None:
+            self.wasm.close()
         self._close_access_log()
         return cut
 
@@ -289,7 +320,7 @@ async def _serve_controller(channel: Channel, path: DataPath) -> None:
         elif op == "upstream":
             path.move(message["slot"], message["host"], message["port"])
         elif op == "config":
-            path.reload(message["config"], message["slots"])
+            await path.reload(message["config"], message["slots"])
             channel.send({"op": "reloaded", "id": message["id"]})
         else:
             log.error("worker: unknown message %r from the controller", op)

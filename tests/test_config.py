@@ -171,6 +171,15 @@ BAD = [
      "services.x.upstream", "IPv4"),
     ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\nsnapshot_policy = "prepared"\n',
      "services.x.snapshot_policy", "a microvm, a docker or an oci table"),
+    ('[services.x]\nhosts = ["x.example"]\n[services.x.wasm]\nmodule = "/bin/sh"\n', "services.x.wasm.module",
+     "not a WebAssembly module"),
+    ('[services.x]\nhosts = ["x.example"]\n[services.x.wasm]\nmodule = "nope.wasm"\n', "services.x.wasm.module",
+     "does not exist"),
+    ('[services.x]\nhosts = ["x.example"]\n[services.x.wasm]\n', "services.x.wasm.module", "missing"),
+    ('[services.x]\nhosts = ["x.example"]\nupstream = "127.0.0.1:1"\n[services.x.wasm]\nmodule = "/bin/sh"\n',
+     "services.x.upstream", "no upstream"),
+    ('[services.x]\nhosts = ["x.example"]\ncommand = ["sh"]\n[services.x.wasm]\n'
+     'module = "/bin/sh"\n', "services.x.wasm", "also has 'command'"),
 ]
 
 MINIMAL = '[services.ok]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:9001"\n'

@@ -96,6 +96,16 @@ def test_fast_exposition_matches_prometheus_client():
     routes["s3"].stats.codes[200] += 1
     routes["s3"].stats.duration.observe(0.5)
     assert _parsed(fast.render().decode()) == _parsed(render(reference).decode())
+    from proxy.metrics import WasmStats
+
+    routes["s4"].stats.wasm = wasm = WasmStats()
+    routes["s4"].stats.codes[200] = 1
+    wasm.instantiate.observe(0.0001)
+    wasm.run.observe(0.0004)
+    wasm.write.observe(0.00002)
+    wasm.errors["trap"] = 2
+    assert _parsed(fast.render().decode()) == _parsed(render(reference).decode())
+    assert 'wakegate_wasm_errors_total{service="s4",reason="trap"} 2.0' in fast.render().decode()
 
 
 # ---- /metrics, access log and Server-Timing against a real wakegate -----------------

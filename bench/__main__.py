@@ -410,7 +410,7 @@ def parse_section(tiny: bool) -> dict:
             "c_vs": {name: value / c for name, value in medians.items() if c and name != "c"}}
 
 
-SCENARIOS = ("steady", "wake", "cores", "burst", "scale", "parse", "hostile")
+SCENARIOS = ("steady", "wake", "cores", "wasm", "burst", "scale", "parse", "hostile")
 
 
 def run(args) -> dict:
@@ -450,6 +450,10 @@ def run(args) -> dict:
             from .cores import cores
 
             section = cores(args)
+        elif name == "wasm":
+            from .wasmbench import wasm
+
+            section = wasm(args)
         elif name == "burst":
             from . import wake
 
@@ -492,6 +496,10 @@ def report(results: dict) -> str:
             from .cores import markdown as cores_markdown
 
             parts.append(cores_markdown(section))
+        elif name == "wasm":
+            from .wasmbench import markdown as wasm_markdown
+
+            parts.append(wasm_markdown(section))
         elif name == "parse":
             lines = ["| parser | median µs per head | vs C |", "| --- | --- | --- |"]
             for parser, value in sorted(section["median_seconds"].items(), key=lambda kv: kv[1]):

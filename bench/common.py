@@ -159,10 +159,10 @@ def _seconds(text: str) -> float:
 
 
 def run_wrk(port: int, connections: int, duration: float, host: str = HOST, threads: int = 1,
-            cpus: str = LOAD_CPU) -> dict:
+            cpus: str = LOAD_CPU, path: str = "/") -> dict:
     cmd = [
         "taskset", "-c", cpus, tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-        "-H", f"Host: {host}", f"http://127.0.0.1:{port}/",
+        "-H", f"Host: {host}", f"http://127.0.0.1:{port}{path}",
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     out = run.stdout

@@ -113,6 +113,17 @@ def test_cores_compares_every_worker_count_with_nginx(tiny_run):
         assert wake["first_request"]["n"] == wake["awake"]["n"] > 0
 
 
+def test_wasm_compares_a_handler_with_process_services(tiny_run):
+    _, results, _ = tiny_run
+    section = results["sections"]["wasm"]
+    for target in ("wasm", "awake"):
+        assert section["targets"][target]["rps"] > 0 and section["targets"][target]["errors"] == 0
+        assert section["latency"][target]["p50_ms"] > 0
+    assert section["latency"]["wasm"]["instantiate_plus_run_p50_ms"] > 0
+    assert section["paused"]["first_request"]["n"] > 0
+    assert section["rss"]["services"] == 50 and section["rss"]["rss_mib_many"] > 0
+
+
 def test_outputs_written(tiny_run):
     out, results, stdout = tiny_run
     assert sorted(results["plots"]) == sorted(p.name for p in out.glob("*.png"))
@@ -121,7 +132,7 @@ def test_outputs_written(tiny_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (md,) = out.glob("all-*.md")
     text = md.read_text()
-    for heading in ("### steady", "### wake", "### cores", "### burst", "### scale", "### parse", "### hostile"):
+    for heading in ("### steady", "### wake", "### cores", "### wasm", "### burst", "### scale", "### parse", "### hostile"):
         assert heading in text
     assert "round 1/1" in stdout  # progress is shown
 

@@ -39,8 +39,9 @@ MAX_CGI_HEAD = 16 * 1024  # a handler's header block; as the proxy's own MAX_HEA
 # Output held back before the head goes out (or all of it, when max_response is smaller): such
 # answers carry Content-Length, and a handler that breaks a limit within it still gets a clean 502.
 STREAM_AFTER = 1024 * 1024
+LINGER_SECONDS = 5.0  # after an early answer (413), the unread body is read and dropped this long, so the
+                      # close does not reset the connection before the proxy reads the answer (nginx: lingering_time)
 MAX_STDERR_KEPT = 2048  # of a failing handler's stderr, the part that goes in the log line
-BODY_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None  # a request body is handed to stdin as a file
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te", b"trailer", b"upgrade",
                b"status", b"proxy-connection"}
@@ -50,11 +51,13 @@ _REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 301: b"Moved Perman
 
 
 class HandlerError(Exception):
-    """Why a handler's request got a 502 (reason: trap, time, memory, response_size, malformed, exit)."""
+    """Why a handler's request failed (reason: trap, time, memory, response_size, malformed, exit, module,
+    body_size) and its answer: 502, or 413 for a body over max_body."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, status: int = 502) -> None:
         super().__init__(detail)
         self.reason = reason
+        self.status = status
 
 
 class _Runtime:
@@ -137,12 +140,12 @@ class WasmService:
                          self.cfg.module, (perf_counter() - started) * 1e3)
             return self._module
 
-    def submit(self, env: list, body: bytes, out) -> "asyncio.Future":
+    def submit(self, env: list, stdin: str | None, out) -> "asyncio.Future":
         if self.pool is None:
             self.pool = ThreadPoolExecutor(max_workers=self.cfg.instances, thread_name_prefix=f"wasm-{self.name}")
-        return asyncio.wrap_future(self.pool.submit(self.run, env, body, out))
+        return asyncio.wrap_future(self.pool.submit(self.run, env, stdin, out))
 
-    def run(self, env: list, body: bytes, out) -> tuple[float, float]:
+    def run(self, env: list, stdin: str | None, out) -> tuple[float, float]:
         """In a pool thread: one request in a fresh instance. out(bytes) -> False once over the limit.
         Returns (instantiate, run) seconds or raises HandlerError."""
         runtime = _Runtime.get()
@@ -175,34 +178,26 @@ class WasmService:
 
         wasi.stdout_custom = write
         wasi.stderr_custom = keep_stderr
-        stdin = None
         for guest, host, writable in cfg.dirs:
             wasi.preopen_dir(host, guest, writable)
+        if stdin is not None:
+            wasi.stdin_file = stdin  # the read end of the pipe the body streams into
+        store.set_wasi(wasi)
+        instance = runtime.linker.instantiate(store, module)
+        instantiated = perf_counter()
+        start = instance.exports(store).get("_start")
+        if start is None:
+            raise HandlerError("malformed", "the module exports no _start (build it as a WASI command)")
+        code = 0
         try:
-            if body:
-                stdin = tempfile.NamedTemporaryFile(dir=BODY_DIR, prefix="wakegate-wasm-")
-                stdin.write(body)
-                stdin.flush()
-                wasi.stdin_file = stdin.name
-            store.set_wasi(wasi)
-            instance = runtime.linker.instantiate(store, module)
-            instantiated = perf_counter()
-            start = instance.exports(store).get("_start")
-            if start is None:
-                raise HandlerError("malformed", "the module exports no _start (build it as a WASI command)")
-            code = 0
-            try:
-                start(store)
-            except wasmtime.ExitTrap as exc:
-                code = exc.code
-            except wasmtime.Trap as exc:
-                raise self._trap(exc, stderr) from None
-            except wasmtime.WasmtimeError as exc:
-                raise self._trap(exc, stderr) from None
-            finished = perf_counter()
-        finally:
-            if stdin is not None:
-                stdin.close()
+            start(store)
+        except wasmtime.ExitTrap as exc:
+            code = exc.code
+        except wasmtime.Trap as exc:
+            raise self._trap(exc, stderr) from None
+        except wasmtime.WasmtimeError as exc:
+            raise self._trap(exc, stderr) from None
+        finished = perf_counter()
         if over:
             raise HandlerError("response_size", f"wrote more than max_response ({cfg.max_response} bytes)")
         if code != 0:
@@ -367,30 +362,185 @@ class _Exchange:
                             + (b"" if self.is_head else bytes(self.held)))
 
 
+class BodyDecoder:
+    """A request body as it arrives, framed by Content-Length or chunked (sans-io): feed() returns the
+    body bytes in data and whether the body ended; bytes past its end are kept in ``rest``."""
+
+    def __init__(self, length: int) -> None:
+        self.chunked = length == CHUNKED
+        self.left = 0 if self.chunked else length  # bytes of the current chunk (or of the body) to come
+        self.state = "size" if self.chunked else "data"
+        self.line = bytearray()
+        self.rest = b""
+        self.done = not self.chunked and length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        pos = 0
+        n = len(data)
+        while pos < n and not self.done:
+            if self.state == "data":
+                take = min(self.left, n - pos)
+                out += data[pos:pos + take]
+                pos += take
+                self.left -= take
+                if self.left == 0:
+                    if self.chunked:
+                        self.state = "crlf"
+                    else:
+                        self.done = True
+            else:  # a line: chunk size, the CRLF after a chunk, or a trailer line
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    self.line += data[pos:]
+                    pos = n
+                    if len(self.line) > MAX_CGI_HEAD:
+                        raise HandlerError("body", "a chunk line too long", 400)
+                    break
+                self.line += data[pos:end]
+                pos = end + 1
+                line = bytes(self.line).rstrip(b"\r")
+                self.line.clear()
+                if self.state == "size":
+                    try:
+                        self.left = int(line.split(b";")[0].strip(), 16)
+                    except ValueError:
+                        raise HandlerError("body", f"bad chunk size {line[:20]!r}", 400) from None
+                    self.state = "data" if self.left else "trailer"
+                elif self.state == "crlf":
+                    self.state = "size"
+                elif not line:  # the blank line after the trailers
+                    self.done = True
+        self.rest = data[pos:]
+        return bytes(out)
+
+
+class _StdinFeed:
+    """Request body bytes into a pipe the instance reads as stdin, as they arrive (backpressure: the
+    pipe's buffer; a guest that stops reading stops us writing, and what it never reads is dropped)."""
+
+    def __init__(self, loop, limit: int) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.write_fd, False)
+        self.pending = bytearray()
+        self.total = 0
+        self.ended = False
+        self.too_large = False
+        self._writing = False
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.read_fd}"
+
+    def write(self, data: bytes) -> None:
+        if self.write_fd < 0 or not data:
+            return
+        self.total += len(data)
+        if self.total > self.limit:
+            self.too_large = True
+            self.end()
+            return
+        self.pending += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.pending and self.write_fd >= 0:
+            try:
+                sent = os.write(self.write_fd, self.pending)
+            except BlockingIOError:
+                if not self._writing:
+                    self._writing = True
+                    self.loop.add_writer(self.write_fd, self._flush)
+                return
+            except (BrokenPipeError, OSError):  # the guest is done with stdin: drop the rest
+                self.pending.clear()
+                self._close_write()
+                return
+            del self.pending[:sent]
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.write_fd)
+        if self.ended and not self.pending:
+            self._close_write()
+
+    def end(self) -> None:
+        self.ended = True
+        if not self.pending:
+            self._close_write()
+
+    def _close_write(self) -> None:
+        if self.write_fd >= 0:
+            if self._writing:
+                self.loop.remove_writer(self.write_fd)
+                self._writing = False
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def close(self) -> None:
+        self.pending.clear()
+        self._close_write()
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+
 class _Connection(asyncio.Protocol):
-    """A connection from this process's proxy to its wasm listener: requests one after another."""
+    """A connection from this process's proxy to its wasm listener: one request at a time, its body
+    streamed to the instance's stdin while the instance runs."""
 
     def __init__(self, server: "WasmServer") -> None:
         self.server = server
         self.loop = server.loop
         self.transport = None
         self.buf = bytearray()
-        self.busy = False
+        self.busy = False  # an exchange is under way (its response not finished)
+        self.body: BodyDecoder | None = None  # the request body still arriving
+        self.stdin: _StdinFeed | None = None
+        self.lingering = False  # answered early: what still comes is dropped until the peer closes
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def connection_lost(self, exc) -> None:
         self.transport = None
+        if self.stdin is not None:
+            self.stdin.end()  # the guest sees the end of what came
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
+        if self.body is not None:
+            self._feed_body(data)
+            return
         self.buf += data
         if not self.busy:
             self._next()
+
+    def _feed_body(self, data: bytes) -> None:
+        try:
+            chunk = self.body.feed(data)
+        except HandlerError as exc:
+            log.info("wasm: %s", exc)
+            if self.stdin is not None:
+                self.stdin.end()
+            if self.transport is not None:
+                self.transport.abort()  # framing is lost: nothing more can be read on this connection
+            return
+        if self.stdin is not None:
+            self.stdin.write(chunk)
+        if self.body.done:
+            self.buf += self.body.rest
+            self.body = None
+            if self.stdin is not None:
+                self.stdin.end()
+            if not self.busy and self.buf:
+                self._next()
 
     def _next(self) -> None:
         try:
@@ -400,90 +550,84 @@ class _Connection(asyncio.Protocol):
             return
         if head is None:
             return
-        body = self._body(head)
-        if body is None:
-            return  # more bytes to come
-        route = self.server.router.route(head.host, head.path)
-        if route is None:
-            self._answer(404, b"no wasm service here\n")
-            return
-        service = route
-        if len(body) > service.cfg.max_body:
-            self._answer(413, b"request body over the handler's max_body\n", close=True)
+        rest = bytes(self.buf[head.length:])
+        self.buf.clear()
+        service = self.server.router.route(head.host, head.path)
+        length = head.body_length
+        if service is None or (length > 0 and length > service.cfg.max_body):
+            status, text = (404, b"no wasm service here\n") if service is None else \
+                (413, b"request body over the handler's max_body\n")
+            self._answer(status, text, close=length != 0)
             return
         self.busy = True
         client = dict((n.lower(), v) for n, v in head.headers).get(b"x-forwarded-for", b"").split(b",")[-1].strip()
-        env = cgi_environment(head, len(body), service.prefix, client.decode("latin-1"), service.cfg.env)
+        stdin = None
+        if length != 0:
+            stdin = self.stdin = _StdinFeed(self.loop, service.cfg.max_body)
+            self.body = BodyDecoder(length)
+        env = cgi_environment(head, max(length, 0), service.prefix, client.decode("latin-1"), service.cfg.env)
         exchange = _Exchange(self, service, head.method == b"HEAD")
-        future = service.submit(env, body, exchange.output)
-        future.add_done_callback(lambda f: self._done(f, exchange))
+        future = service.submit(env, stdin.path if stdin is not None else None, exchange.output)
+        future.add_done_callback(lambda f: self._done(f, exchange, stdin))
+        if self.body is not None:
+            self._feed_body(rest)
+        elif rest:
+            self.buf += rest
 
-    def _body(self, head) -> bytes | None:
-        """The whole request body once it is in (consumed from buf), or None."""
-        start = head.length
-        if head.body_length == CHUNKED:
-            out, pos = bytearray(), start
-            while True:
-                line_end = self.buf.find(b"\r\n", pos)
-                if line_end < 0:
-                    return None
-                size = int(bytes(self.buf[pos:line_end]).split(b";")[0], 16)
-                if size == 0:
-                    end = self.buf.find(b"\r\n\r\n", line_end)
-                    if end < 0 and self.buf[line_end:line_end + 4] != b"\r\n\r\n":
-                        return None
-                    end = line_end if self.buf[line_end:line_end + 4] == b"\r\n\r\n" else end
-                    del self.buf[:end + 4]
-                    return bytes(out)
-                if len(self.buf) < line_end + 2 + size + 2:
-                    return None
-                out += self.buf[line_end + 2:line_end + 2 + size]
-                pos = line_end + 2 + size + 2
-        length = max(0, head.body_length)
-        if len(self.buf) < start + length:
-            return None
-        body = bytes(self.buf[start:start + length])
-        del self.buf[:start + length]
-        return body
-
-    def _done(self, future, exchange: _Exchange) -> None:
+    def _done(self, future, exchange: _Exchange, stdin: _StdinFeed | None) -> None:
         service = exchange.service
         stats = service.stats
         ended = perf_counter()
+        too_large = stdin is not None and stdin.too_large
+        if stdin is not None:
+            stdin.close()
+            if self.stdin is stdin:
+                self.stdin = None
         try:
             instantiate, run = future.result()
+            if too_large:
+                raise HandlerError("body_size", f"request body over max_body ({service.cfg.max_body} bytes)", 413)
             exchange.finish(instantiate, run)
         except HandlerError as exc:
             stats.errors[exc.reason] = stats.errors.get(exc.reason, 0) + 1
-            log.warning("wasm service %s: %s (502)", service.name, exc)
-            if exchange.streaming:  # the head is out: only a cut connection can say so
-                if self.transport is not None:
-                    self.transport.abort()
-                return
-            self._answer(502, f"wasm handler failed: {exc.reason}\n".encode())
+            log.warning("wasm service %s: %s (%d)", service.name, exc, exc.status)
+            if exchange.streaming or self.body is not None:  # a head is out, or a body can no longer be framed
+                if exchange.streaming or too_large:
+                    if self.transport is not None:
+                        self.transport.abort()
+                    return
+            self._answer(exc.status, f"wasm handler failed: {exc.reason}\n".encode(), close=too_large)
             return
         except Exception as exc:  # a bug of ours: the same 502, with its traceback once
             log.exception("wasm service %s: %s", service.name, exc)
             stats.errors["internal"] = stats.errors.get("internal", 0) + 1
-            self._answer(502, b"wasm handler failed: internal\n")
+            self._answer(502, b"wasm handler failed: internal\n", close=True)
             return
         stats.instantiate.observe(instantiate)
         stats.run.observe(run)
         stats.write.observe(perf_counter() - ended)
+        self._finished()
+
+    def _finished(self) -> None:
         self.busy = False
-        if self.buf:
+        if self.body is None and self.buf:  # the next request (its body, if any, is still to come otherwise)
             self._next()
 
     def _answer(self, status: int, body: bytes, close: bool = False) -> None:
-        self.busy = False
         extra = b"Connection: close\r\n" if close else b""
         self.write(http_head(status, [(b"Content-Type", b"text/plain")], len(body), extra) + body)
         if close:
+            self.busy = False
+            self.body = None
             if self.transport is not None:
-                self.transport.close()
+                self.lingering = True  # read and drop the rest; the peer closes once it has the answer
+                self.loop.call_later(LINGER_SECONDS, self._end_linger)
             return
-        if self.buf:
-            self._next()
+        self._finished()
+
+    def _end_linger(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class WasmServer:

@@ -6,6 +6,7 @@ slow handler beside fast ones, a module replaced on disk, the compile cache, the
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -14,7 +15,7 @@ import urllib.request
 import pytest
 
 from proxy.http11 import parse_request
-from proxy.wasm import CgiResponse, HandlerError, cgi_environment
+from proxy.wasm import BodyDecoder, CgiResponse, HandlerError, cgi_environment
 
 from .conftest import ROOT, Client
 
@@ -64,6 +65,34 @@ def test_malformed_cgi_responses_are_refused(stdout, problem):
         for i in range(0, len(stdout), 7):
             cgi.feed(stdout[i:i + 7])
     assert caught.value.reason == "malformed"
+
+
+BODIES = [  # length (CHUNKED: -1), bytes on the wire, body, what follows it
+    (5, b"hello", b"hello", b""),
+    (3, b"abcGET /", b"abc", b"GET /"),
+    (-1, b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", b"abcde", b""),
+    (-1, b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT", b"abc", b"NEXT"),
+    (-1, b"A\n0123456789\n0\n\n", b"0123456789", b""),
+]
+
+
+@pytest.mark.parametrize("length, wire, body, rest", BODIES)
+def test_request_bodies_byte_by_byte(length, wire, body, rest):
+    decoder = BodyDecoder(length)
+    out, after = b"", b""
+    for i in range(len(wire)):
+        if decoder.done:
+            after += wire[i:i + 1]
+            continue
+        out += decoder.feed(wire[i:i + 1])
+        after += decoder.rest
+    assert decoder.done and out == body and after == rest
+
+
+def test_a_bad_chunk_size_is_a_400():
+    with pytest.raises(HandlerError) as caught:
+        BodyDecoder(-1).feed(b"zz\r\n")
+    assert caught.value.status == 400
 
 
 def test_cgi_environment():
@@ -120,6 +149,10 @@ def test_requests_and_responses_both_ways(start_wakegate, tmp_path, modules):
     assert echoed == body
     chunked = b"POST /echo HTTP/1.1\r\nHost: w.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     assert one(w.port, chunked, b"POST").body.endswith(b"body:abcde")
+    large = os.urandom(5_000_000)  # far over a pipe's buffer: the handler reads while the body arrives
+    r = one(w.port, req("POST", "/echo", body=large), b"POST")
+    assert r.status == 201 and r.body.partition(b"body:")[2] == large
+    assert _status_of_upload(w.port, req("POST", "/echo", body=b"y" * 11_000_000)) == 413  # over max_body (10 MiB)
     big = one(w.port, req("GET", "/big?n=3000000"))  # over the held-back part: streamed, chunked
     assert big.status == 200 and big.body == b"x" * 3_000_000
     small = one(w.port, req("GET", "/big?n=10"))
@@ -128,6 +161,25 @@ def test_requests_and_responses_both_ways(start_wakegate, tmp_path, modules):
     head = one(w.port, req("HEAD", "/big?n=10"), b"HEAD")
     assert head.status == 200 and head.body == b""
     assert one(w.port, req("GET", "/nothing")).status == 404
+
+
+def _status_of_upload(port, data) -> int:
+    """The status of a request whose upload the server may cut short once it has answered."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return int(answer.split(b" ")[1])
+    finally:
+        s.close()
 
 
 LIMITS = [  # path, reason counted

@@ -53,11 +53,12 @@ guest: setup vm-deps
 # Debian packages the tests use for real: prometheus scrapes wakegate (tests/test_metrics.py);
 # wrk, nginx and haproxy run the tiny benchmark (tests/test_bench.py); QEMU, busybox and lz4
 # build and boot the microVM guest (tests/test_guest.py); valgrind counts instructions per request
-# (bench measure, tests/test_bench.py).
-TEST_PACKAGES := prometheus wrk nginx-light haproxy qemu-system-x86 busybox-static lz4 valgrind
+# (bench measure, tests/test_bench.py); systemd's systemd-socket-activate hands wakegate its listeners
+# (tests/test_runtime.py).
+TEST_PACKAGES := prometheus wrk nginx-light haproxy qemu-system-x86 busybox-static lz4 valgrind systemd
 test-deps:
 	@missing=""; \
-	for tool in prometheus wrk nginx haproxy qemu-system-x86_64 lz4 valgrind; do \
+	for tool in prometheus wrk nginx haproxy qemu-system-x86_64 lz4 valgrind systemd-socket-activate; do \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
 	done; \
 	[ -x /bin/busybox ] || missing="$$missing busybox"; \

@@ -182,9 +182,13 @@ class AdminListener:
         self.born[protocol] = time.monotonic()
         return protocol
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, sock=None) -> None:
+        """Listen on host:port, or on sock (a listening socket handed over by systemd)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._factory, host, port, reuse_address=True, backlog=128)
+        if sock is not None:
+            self.server = await loop.create_server(self._factory, sock=sock, backlog=128)
+        else:
+            self.server = await loop.create_server(self._factory, host, port, reuse_address=True, backlog=128)
         self._ticker = loop.call_later(ADMIN_TICK, self._sweep)
 
     def _sweep(self) -> None:
@@ -212,7 +216,7 @@ class AdminListener:
         logging.getLogger("aiohttp.server").removeFilter(self.log_filter)
 
 
-async def start_admin(controller, settings, exposition=None, stats=None, runtime=None) -> AdminListener:
+async def start_admin(controller, settings, exposition=None, stats=None, runtime=None, sock=None) -> AdminListener:
     """Listen for the admin API (stats: the proxy's ProxyStats, where admin errors are counted)."""
     if stats is None:
         from proxy.metrics import ProxyStats
@@ -231,7 +235,7 @@ async def start_admin(controller, settings, exposition=None, stats=None, runtime
     server_log.setLevel(logging.DEBUG)  # it logs some malformed requests at debug level: count those too
     listener = AdminListener(runner, busy, stats, log_filter, settings.idle_timeout)
     try:
-        await listener.start(settings.listen.host, settings.listen.port)
+        await listener.start(settings.listen.host, settings.listen.port, sock)
     except BaseException:
         await listener.close()
         raise

@@ -21,12 +21,17 @@ from proxy.metrics import ProxyStats, ServiceStats
 
 from .config import ConfigError, load
 from .controller import Controller, board_slots
-from .workers import InProcess, Workers, bind_listener
+from .workers import InProcess, Workers, activated_sockets, bind_listener
 
 log = logging.getLogger("wakegate")
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+
+
+def _name(sock) -> str:
+    address = sock.getsockname()
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
 
 
 class _Merged:
@@ -77,11 +82,26 @@ class Runtime:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         try:
-            sock = bind_listener(config.proxy.listen)
-        except OSError as exc:
-            print(f"wakegate: {config.path}: proxy.listen: cannot listen on {config.proxy.listen}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
+            activated = activated_sockets()
+        except (ValueError, OSError) as exc:
+            print(f"wakegate: socket activation: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        unknown = set(activated) - {"proxy", "admin"}
+        if unknown:
+            print(f"wakegate: socket activation passed sockets named {', '.join(sorted(unknown))}; expected "
+                  "FileDescriptorName=proxy and admin", file=sys.stderr)
+            return EXIT_CONFIG
+        sock = activated.get("proxy")
+        if sock is not None:
+            log.info("proxy listener handed over by systemd: %s (proxy.listen is not used)", _name(sock))
+        else:
+            try:
+                sock = bind_listener(config.proxy.listen)
+            except OSError as exc:
+                print(f"wakegate: {config.path}: proxy.listen: cannot listen on {config.proxy.listen}: "
+                      f"{exc.strerror or exc}", file=sys.stderr)
+                return EXIT_CONFIG
+        self.listening = _name(sock)
         if workers > 1:
             self.fleet = Workers(workers, config, self.shared, controller.slots(), controller.ask, self.log_level)
         else:
@@ -101,7 +121,8 @@ class Runtime:
         from .admin import start_admin
 
         try:
-            self.admin = await start_admin(controller, config.admin, self.exposition, self.admin_stats, runtime=self)
+            self.admin = await start_admin(controller, config.admin, self.exposition, self.admin_stats, runtime=self,
+                                           sock=activated.get("admin"))
         except OSError as exc:
             print(f"wakegate: {config.path}: admin.listen: cannot listen on {config.admin.listen}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
@@ -121,7 +142,8 @@ class Runtime:
         from .cli import _implementation
 
         log.info("wakegate %s listening on %s (admin %s), %d services, %d proxy %s, parser: %s", __version__,
-                 config.proxy.listen, config.admin.listen, len(config.services), workers,
+                 self.listening, config.admin.listen if "admin" not in activated else _name(activated["admin"]),
+                 len(config.services), workers,
                  "process" if workers == 1 else "worker processes", _implementation())
         await self._stop.wait()
         return await self._shutdown()

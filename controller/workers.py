@@ -41,6 +41,32 @@ STABLE_WORKER_SECONDS = 30.0  # a worker that lived this long resets that backof
 FLUSH_TIMEOUT = 2.0  # flush_wait gives the workers this long to close their idle connections to a service
 
 
+SD_LISTEN_FDS_START = 3  # the first descriptor systemd passes (sd_listen_fds(3))
+
+
+def activated_sockets() -> dict[str, socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES),
+    by name: "proxy" and "admin" (FileDescriptorName= in the socket unit; without names, the first is
+    the proxy's and the second the admin API's). The variables are removed, as sd_listen_fds(1) does,
+    so no child mistakes them for its own."""
+    pid, count = os.environ.pop("LISTEN_PID", ""), os.environ.pop("LISTEN_FDS", "")
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    if not count or pid != str(os.getpid()):
+        return {}
+    labels = names.split(":") if names else ["proxy", "admin"]
+    out = {}
+    for i in range(int(count)):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        label = labels[i] if i < len(labels) else f"fd{fd}"
+        if label in out:
+            raise ValueError(f"socket activation passed two sockets named {label!r}")
+        out[label] = sock
+    return out
+
+
 def bind_listener(address) -> socket.socket:
     """The proxy listener every worker accepts on (inherited; see the module's contract)."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET

@@ -3,13 +3,18 @@ several proxy workers: under steady load nothing fails and no held request is dr
 appear, removed ones are drained and stopped, a service whose backend is unchanged keeps its
 process, and a config that does not validate changes nothing."""
 
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
-from .conftest import Client, free_port
+from .conftest import ROOT, Client, free_port
 from .test_controller import admin, alive, get, service, state, wait_state
 
 
@@ -151,3 +156,41 @@ def test_reload_changes_limits_for_new_requests(start_wakegate, backend, workers
         assert c.request(get("t.test")).status == 200
         assert c.request(get("t.test", extra="X-Big: " + "x" * 400 + "\r\n")).status == 431
         c.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
+def test_listeners_from_systemd_socket_activation(tmp_path, backend):
+    """systemd-socket-activate binds both sockets and hands them over, named, as a socket unit does;
+    the config's listen addresses are not used."""
+    proxy_port, admin_port, unused = free_port(), free_port(), free_port()
+    config = tmp_path / "activated.toml"
+    config.write_text(f'[proxy]\nlisten = "127.0.0.1:{unused}"\nworkers = 2\n[admin]\nlisten = "127.0.0.1:{unused}"\n'
+                      f'[services.s]\nhosts = ["s.test"]\nupstream = "127.0.0.1:{backend.port}"\n')
+    log = open(tmp_path / "activated.log", "wb")
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{proxy_port}", "-l",
+                             f"127.0.0.1:{admin_port}", "--fdname=proxy:admin", sys.executable, "-m",
+                             "controller.cli", "serve", "-c", str(config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until systemd-socket-activate has bound; then the kernel accepts for wakegate
+            try:
+                c = Client(proxy_port, timeout=20)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+        assert c.request(get("s.test")).status == 200
+        c.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=10) as resp:
+            assert resp.read() == b"ok\n"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", unused), timeout=1).close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "activated.log").read_text()
+    assert "handed over by systemd" in text and f"listening on 127.0.0.1:{proxy_port}" in text

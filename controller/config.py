@@ -240,6 +240,14 @@ class DiscoverySettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """[tls]: an HTTPS listener beside the proxy's plain one, and its certificates."""
+
+    listen: Address | None = None  # None: no HTTPS listener
+    certificates: tuple[tuple[tuple[str, ...], str, str], ...] = ()  # (hosts, cert, key); no hosts: the default
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     proxy: ProxySettings
@@ -248,6 +256,7 @@ class Config:
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     discovery: DiscoverySettings = DiscoverySettings()
+    tls: TLSSettings = TLSSettings()
 
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
@@ -603,6 +612,38 @@ def _oci(o: _Reader, path: str) -> OCIConfig:
                      log=str(_beside(path, log)) if log else "", runtime_args=tuple(o.strings("runtime_args")))
 
 
+def _tls(t: _Reader, path: str) -> TLSSettings:
+    if not t.table:
+        return TLSSettings()
+    listen = t.address("listen")
+    entries = t.get("certificates")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise t.error("certificates", 'expected one or more [[tls.certificates]] tables with cert and key')
+    out = []
+    for i, entry in enumerate(entries):
+        c = _Reader(path, entry, f"tls.certificates[{i}]")
+        files = []
+        for key in ("cert", "key"):
+            value = c.get(key)
+            if not isinstance(value, str) or not value:
+                raise c.error(key, f"missing; the PEM file of the {'certificate chain' if key == 'cert' else 'private key'}")
+            file = _beside(path, value)
+            if not file.is_file():
+                raise c.error(key, f"{str(file)!r} does not exist")
+            files.append(str(file))
+        hosts = tuple(_check_host_pattern(c, h) for h in c.strings("hosts"))
+        c.finish()
+        from proxy.tls import make_context
+
+        try:
+            make_context(*files)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise c.error("cert", f"cannot load {files[0]} with {files[1]}: {getattr(exc, 'reason', None) or exc}") from None
+        out.append((hosts, files[0], files[1]))
+    t.finish()
+    return TLSSettings(listen=listen, certificates=tuple(out))
+
+
 def _wasm(w: _Reader, path: str) -> WasmConfig:
     module = w.get("module")
     if not isinstance(module, str) or not module:
@@ -825,6 +866,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
                     raise r.error("hosts", f"{where!r} is already routed to service {other!r}")
         services[name] = service
     s.used.update(s.table)
+    tls = _tls(top.sub("tls"), path)
     d = top.sub("docker")
     discovery = DiscoverySettings(enabled=d.boolean("discover", False), socket=d.string("socket", DOCKER_SOCKET))
     if not discovery.socket.startswith("/"):
@@ -838,7 +880,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         raise top.error("services", "no services configured; add a [services.NAME] table (or discover containers: "
                         "[docker] discover = true)")
     return Config(path=path, proxy=proxy, admin=admin, services=services, log=log_settings, metrics=metrics_settings,
-                  discovery=discovery)
+                  discovery=discovery, tls=tls)
 
 
 def _service(r: _Reader, name: str, path: str, hosts_optional: bool = False) -> ServiceConfig:

@@ -86,10 +86,10 @@ class Runtime:
         except (ValueError, OSError) as exc:
             print(f"wakegate: socket activation: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        unknown = set(activated) - {"proxy", "admin"}
+        unknown = set(activated) - {"proxy", "admin", "https"}
         if unknown:
             print(f"wakegate: socket activation passed sockets named {', '.join(sorted(unknown))}; expected "
-                  "FileDescriptorName=proxy and admin", file=sys.stderr)
+                  "FileDescriptorName=proxy, admin and https", file=sys.stderr)
             return EXIT_CONFIG
         sock = activated.get("proxy")
         if sock is not None:
@@ -101,14 +101,27 @@ class Runtime:
                 print(f"wakegate: {config.path}: proxy.listen: cannot listen on {config.proxy.listen}: "
                       f"{exc.strerror or exc}", file=sys.stderr)
                 return EXIT_CONFIG
-        self.listening = _name(sock)
+        tls_sock = activated.get("https")
+        if tls_sock is None and config.tls.listen is not None:
+            try:
+                tls_sock = bind_listener(config.tls.listen)
+            except OSError as exc:
+                sock.close()
+                print(f"wakegate: {config.path}: tls.listen: cannot listen on {config.tls.listen}: "
+                      f"{exc.strerror or exc}", file=sys.stderr)
+                return EXIT_CONFIG
+        if tls_sock is not None and not config.tls.certificates:
+            print(f"wakegate: {config.path}: tls: an HTTPS socket was handed over but there is no "
+                  "[[tls.certificates]]", file=sys.stderr)
+            return EXIT_CONFIG
+        self.listening = _name(sock) + (f" and https://{_name(tls_sock)}" if tls_sock is not None else "")
         if workers > 1:
             self.fleet = Workers(workers, config, self.shared, controller.slots(), controller.ask, self.log_level)
         else:
             self.fleet = InProcess(config, board, controller.slots(), controller.ask)
         controller.attach(self.fleet)
         try:
-            await self.fleet.start(sock)
+            await self.fleet.start(sock, tls_sock)
         except OSError as exc:  # the access log cannot be opened
             sock.close()
             print(f"wakegate: {config.path}: log.access: {exc}", file=sys.stderr)
@@ -225,6 +238,9 @@ class Runtime:
         for key in ("listen", "workers"):
             if getattr(new.proxy, key) != getattr(old.proxy, key):
                 kept.append(f"proxy.{key}")
+        if new.tls.listen != old.tls.listen:
+            kept.append("tls.listen")
+            new = dataclasses.replace(new, tls=dataclasses.replace(new.tls, listen=old.tls.listen))
         if new.admin != old.admin:
             kept.append("admin")
         if new.log.access != old.log.access:

@@ -151,8 +151,8 @@ class InProcess:
         self.path = DataPath(config, board, 0, slots, ask)
         self.started = time.monotonic()
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        await self.path.start(sock)
+    async def start(self, sock: socket.socket | None = None, tls_sock: socket.socket | None = None) -> None:
+        await self.path.start(sock, tls_sock)
 
     def answer(self, slot: int, refused: Refused | None) -> None:
         self.path.answer(slot, refused)
@@ -208,6 +208,7 @@ class Workers:
         self.ask = ask  # (slot) -> None: a worker holds requests for that service
         self.log_level = log_level
         self.listener: socket.socket | None = None
+        self.tls_listener: socket.socket | None = None
         self.workers = [_Worker(i) for i in range(count)]
         self.retired: list[dict] = []  # the last counts of workers that died, so totals never go back
         self.generation = 0  # reloads so far: a worker that started with an older config gets the new one
@@ -216,19 +217,23 @@ class Workers:
         self._waiting: dict[int, asyncio.Future] = {}
         self._restarts: set[asyncio.Task] = set()
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, tls_sock: socket.socket | None = None) -> None:
         self.listener = sock
+        self.tls_listener = tls_sock
         await asyncio.gather(*(self._spawn(w) for w in self.workers))
 
     async def _spawn(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            fds = [theirs.fileno(), self.listener.fileno(), self.shared.fd]
             argv = PDEATHSIG + [sys.executable, "-m", "proxy.worker", "--control", str(theirs.fileno()),
                                 "--listen", str(self.listener.fileno()), "--board", str(self.shared.fd),
                                 "--log-level", self.log_level]
-            worker.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), self.listener.fileno(), self.shared.fd),
-                                           stdin=subprocess.DEVNULL, env=_worker_env())
+            if self.tls_listener is not None:
+                argv += ["--tls-listen", str(self.tls_listener.fileno())]
+                fds.append(self.tls_listener.fileno())
+            worker.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, env=_worker_env())
         finally:
             theirs.close()
         worker.pid = worker.proc.pid
@@ -362,9 +367,10 @@ class Workers:
     async def drain(self, grace: float) -> int:
         """SIGTERM every worker (each drains its connections) and wait for them all to exit."""
         self.stopping = True
-        if self.listener is not None:  # new connections are refused once the workers close theirs too
-            self.listener.close()
-            self.listener = None
+        for listener in (self.listener, self.tls_listener):  # refused once the workers close theirs too
+            if listener is not None:
+                listener.close()
+        self.listener = self.tls_listener = None
         for task in list(self._restarts):
             task.cancel()
         for worker in self.workers:

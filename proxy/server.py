@@ -180,6 +180,7 @@ class ProxyServer:
         self.server_timing = False
         self.measure = True  # [metrics] enabled
         self.server: asyncio.AbstractServer | None = None
+        self.tls_server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._fd_checked = 0.0
         self._fd_warned = 0.0
@@ -198,6 +199,12 @@ class ProxyServer:
         else:
             self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
         self._ticker = self.loop.call_later(self.tick, self._sweep)
+
+    async def start_tls(self, sock: socket.socket, context) -> None:
+        """The HTTPS listener: TLS terminated here (the loop's own SSL), a handshake cut at head_timeout."""
+        self.tls_server = await self.loop.create_server(lambda: ClientConnection(self, b"https"), sock=sock,
+                                                        backlog=4096, ssl=context,
+                                                        ssl_handshake_timeout=self.limits.head_timeout)
 
     @property
     def sockets(self):
@@ -237,6 +244,8 @@ class ProxyServer:
         self.draining = True
         if self.server is not None:
             self.server.close()
+        if self.tls_server is not None:
+            self.tls_server.close()
         for conn in list(self.connections):
             conn.drain()
         deadline = self.loop.time() + grace
@@ -261,8 +270,9 @@ class ClientConnection(asyncio.Protocol):
     through ``_teardown()``, whichever side ends it.
     """
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer, proto: bytes = b"http") -> None:
         self.server = server
+        self.proto = proto  # X-Forwarded-Proto upstream
         self.limits = server.limits
         self.loop = server.loop
         self.exact_hosts = server.router.exact
@@ -505,7 +515,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.req_body_done = False
             self.req_left = body_length
-        self.up_head = build_request(head, self.client_addr)
+        self.up_head = build_request(head, self.client_addr, self.proto)
         self.responded = False
         self.retried = False
         service = route.service

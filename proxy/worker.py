@@ -103,6 +103,8 @@ class DataPath:
         self.gates: dict[int, Gate] = {}  # slot -> gate
         self.holding: set[Gate] = set()  # gates with held requests: all the expiry tick visits
         self.wasm = None  # proxy/wasm.py's WasmServer, when the config has wasm services
+        self.certificates = None  # proxy/tls.py's Certificates, with an HTTPS listener
+        self._tls_check = None
         self.server = ProxyServer(config.proxy, None, self.loop)
         self._apply(config, slots)
         self.server.server_timing = config.log.server_timing
@@ -182,6 +184,13 @@ class DataPath:
         self.server.limits = Limits(config.proxy)  # new connections read it; open ones keep theirs
         self.server.server_timing = config.log.server_timing
         self.server.measure = config.metrics.enabled
+        if self.certificates is not None and config.tls.certificates != self.certificates.entries:
+            import ssl
+
+            try:
+                self.certificates.update(config.tls.certificates)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("reload: certificates not changed: %s", exc)
 
     def _ask(self, gate: Gate) -> None:
         self.ask(gate.slot)
@@ -214,8 +223,9 @@ class DataPath:
 
     # ---- life ----
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Listen (on sock when given: a listener shared by every worker) and start the ticks."""
+    async def start(self, sock: socket.socket | None = None, tls_sock: socket.socket | None = None) -> None:
+        """Listen (on sock when given: a listener shared by every worker; HTTPS on tls_sock) and start
+        the ticks."""
         if self.config.log.access:
             from .metrics import AccessLog
 
@@ -225,12 +235,24 @@ class DataPath:
                 await self.wasm.start()
                 self._apply_wasm(self.config)
             await self.server.start(sock)
+            if tls_sock is not None:
+                from .tls import RELOAD_CHECK_SECONDS, Certificates
+
+                self.certificates = Certificates(self.config.tls.certificates)
+                await self.server.start_tls(tls_sock, self.certificates.context)
+                self._tls_check = self.loop.call_later(RELOAD_CHECK_SECONDS, self._check_certificates)
         except BaseException:
             self._close_access_log()
             if self.wasm is not None:
                 self.wasm.close()
             raise
         self._ticker = self.loop.call_later(self.tick, self._expire)
+
+    def _check_certificates(self) -> None:
+        from .tls import RELOAD_CHECK_SECONDS
+
+        self.certificates.reload_if_changed()
+        self._tls_check = self.loop.call_later(RELOAD_CHECK_SECONDS, self._check_certificates)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -251,6 +273,9 @@ class DataPath:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self._tls_check is not None:
+            self._tls_check.cancel()
+            self._tls_check = None
         for route in self.routes.values():
             route.pool.close_idle()
         if self.wasm is not None:
@@ -266,7 +291,7 @@ class DataPath:
 
 # ---- the worker process ------------------------------------------------------------------
 
-async def run_worker(control_fd: int, listen_fd: int, board_fd: int) -> int:
+async def run_worker(control_fd: int, listen_fd: int, board_fd: int, tls_fd: int = -1) -> int:
     from .board import attach
 
     loop = asyncio.get_running_loop()
@@ -282,7 +307,7 @@ async def run_worker(control_fd: int, listen_fd: int, board_fd: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the controller's: it tells us the new config
-    await path.start(listener)
+    await path.start(listener, socket.socket(fileno=tls_fd) if tls_fd >= 0 else None)
     channel.send({"op": "ready", "pid": os.getpid()})
     receiving = loop.create_task(_serve_controller(channel, path))
     stopping = loop.create_task(stop.wait())
@@ -332,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", type=int, required=True)
     parser.add_argument("--listen", type=int, required=True)
     parser.add_argument("--board", type=int, required=True)
+    parser.add_argument("--tls-listen", type=int, default=-1)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -339,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     try:
-        return uvloop.run(run_worker(args.control, args.listen, args.board))
+        return uvloop.run(run_worker(args.control, args.listen, args.board, args.tls_listen))
     except KeyboardInterrupt:
         return 0
 

@@ -410,7 +410,7 @@ def parse_section(tiny: bool) -> dict:
             "c_vs": {name: value / c for name, value in medians.items() if c and name != "c"}}
 
 
-SCENARIOS = ("steady", "wake", "cores", "wasm", "burst", "scale", "parse", "hostile")
+SCENARIOS = ("steady", "wake", "cores", "wasm", "tls", "burst", "scale", "parse", "hostile")
 
 
 def run(args) -> dict:
@@ -454,6 +454,10 @@ def run(args) -> dict:
             from .wasmbench import wasm
 
             section = wasm(args)
+        elif name == "tls":
+            from .tlsbench import tls
+
+            section = tls(args)
         elif name == "burst":
             from . import wake
 
@@ -500,6 +504,10 @@ def report(results: dict) -> str:
             from .wasmbench import markdown as wasm_markdown
 
             parts.append(wasm_markdown(section))
+        elif name == "tls":
+            from .tlsbench import markdown as tls_markdown
+
+            parts.append(tls_markdown(section))
         elif name == "parse":
             lines = ["| parser | median µs per head | vs C |", "| --- | --- | --- |"]
             for parser, value in sorted(section["median_seconds"].items(), key=lambda kv: kv[1]):

@@ -159,11 +159,14 @@ def _seconds(text: str) -> float:
 
 
 def run_wrk(port: int, connections: int, duration: float, host: str = HOST, threads: int = 1,
-            cpus: str = LOAD_CPU, path: str = "/") -> dict:
+            cpus: str = LOAD_CPU, path: str = "/", scheme: str = "http", close: bool = False) -> dict:
+    """wrk against 127.0.0.1:port (over TLS with scheme "https"; close: a new connection per request)."""
     cmd = [
         "taskset", "-c", cpus, tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-        "-H", f"Host: {host}", f"http://127.0.0.1:{port}{path}",
+        "-H", f"Host: {host}", f"{scheme}://127.0.0.1:{port}{path}",
     ]
+    if close:
+        cmd[-1:-1] = ["-H", "Connection: close"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     out = run.stdout
     m = re.search(r"Requests/sec:\s+([0-9.]+)", out)

@@ -56,7 +56,7 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
 
     @web.middleware
     async def auth(request, handler):
-        if expected and request.path != "/healthz":
+        if expected and request.path not in ("/healthz", "/openapi.json"):
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
@@ -120,6 +120,14 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
     app.router.add_post("/services/{name}/wake", wake)
     app.router.add_post("/services/{name}/sleep", sleep)
     app.router.add_post("/reload", reload)
+
+    async def openapi(request):
+        from . import __version__
+        from .openapi import document
+
+        return _json(document(__version__))
+
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 

@@ -109,3 +109,36 @@ def test_admin_on_every_address_without_a_token_warns(backend, tmp_path):
         proc.terminate()
         proc.wait(10)
         proc.stderr.close()
+
+
+# ---- the OpenAPI description against the implementation (schemathesis) ----------------------
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from .test_controller import service  # noqa: E402
+
+
+def test_admin_api_matches_its_openapi_description(start_wakegate):
+    """Every operation of /openapi.json, called with generated requests (path names, tokens or none)
+    against a wakegate with a service that wakes, one always up and a token: every answer must be
+    one the description allows, with the declared body."""
+    w = start_wakegate(service("sleepy", free_port(), idle="1h") + SERVICE.format(port=free_port()),
+                       admin_extra='token = "secret"')
+    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{w.admin_port}/openapi.json")
+    schema.config.update(base_url=f"http://127.0.0.1:{w.admin_port}", headers={"Authorization": "Bearer secret"})
+    operations = [result.ok() for result in schema.get_all_operations()]
+    labels = {op.label for op in operations}  # schemathesis leaves out the description's own URL
+    assert labels >= {"GET /healthz", "GET /services", "POST /services/{name}/wake", "POST /services/{name}/sleep",
+                      "POST /reload", "GET /metrics"}, labels
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            case.call_and_validate(timeout=30)
+            if case.path_parameters and "name" in case.path_parameters:  # and with names that exist
+                for name in ("sleepy", "a"):
+                    case.path_parameters["name"] = name
+                    case.call_and_validate(timeout=30)
+
+        check()

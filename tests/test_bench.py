@@ -124,6 +124,16 @@ def test_wasm_compares_a_handler_with_process_services(tiny_run):
     assert section["rss"]["services"] == 50 and section["rss"]["rss_mib_many"] > 0
 
 
+def test_tls_compares_wakegate_with_nginx_over_https(tiny_run):
+    _, results, _ = tiny_run
+    section = results["sections"]["tls"]
+    for mode in ("keep-alive", "new connection"):
+        case = section["cases"][mode]
+        for target in ("wakegate", "nginx"):
+            assert case[target]["rps"] > 0 and case[target]["errors"] == 0, (mode, target, case)
+        assert case["wakegate_vs_nginx"] > 0
+
+
 def test_outputs_written(tiny_run):
     out, results, stdout = tiny_run
     assert sorted(results["plots"]) == sorted(p.name for p in out.glob("*.png"))
@@ -132,7 +142,7 @@ def test_outputs_written(tiny_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (md,) = out.glob("all-*.md")
     text = md.read_text()
-    for heading in ("### steady", "### wake", "### cores", "### wasm", "### burst", "### scale", "### parse", "### hostile"):
+    for heading in ("### steady", "### wake", "### cores", "### wasm", "### tls", "### burst", "### scale", "### parse", "### hostile"):
         assert heading in text
     assert "round 1/1" in stdout  # progress is shown
 

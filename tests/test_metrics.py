@@ -8,6 +8,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -236,6 +237,40 @@ def _prometheus_query(port, query):
     return body["data"]["result"]
 
 
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "wakegate.json"
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def _every_dashboard_query_returns_data(prom_port, w):
+    """Every panel's PromQL from the Grafana dashboard, with its variables as Grafana would fill them,
+    parses and returns data for a wakegate that has served, failed, slept and woken."""
+    c = Client(w.port)
+    assert c.request(get("p.test", "/status?code=503")).status == 503  # an error for the error panel
+    c.close()
+    deadline = time.monotonic() + 30
+    for expr in _dashboard_queries():
+        query = expr.replace("$service", ".*").replace("$__rate_interval", "1m")
+        while True:
+            result = _prometheus_query(prom_port, query)  # a query that does not parse fails here
+            if result:
+                break
+            assert time.monotonic() < deadline, f"no data for {query}"
+            time.sleep(0.5)
+
+
+def test_the_dashboard_covers_what_operators_watch():
+    text = " ".join(_dashboard_queries())
+    for metric in ("wakegate_requests_total", "wakegate_request_duration_seconds_bucket", "wakegate_wakes_total",
+                   "wakegate_wake_resume_seconds_bucket", "wakegate_wake_ready_seconds_bucket",
+                   "wakegate_service_state", "wakegate_requests_queued", "wakegate_request_queue_seconds_bucket",
+                   "wakegate_upstream_response_seconds_bucket"):
+        assert metric in text, metric
+
+
 def test_real_prometheus_scrapes_wakegate(start_wakegate, tmp_path):
     if shutil.which("prometheus") is None:
         message = "Debian's prometheus is not installed (make test installs it)"
@@ -286,6 +321,7 @@ scrape_configs:
         assert 0 < median_wake < 10, median_wake  # a paused backend wakes in milliseconds
         result = _prometheus_query(prom_port, 'up{job="wakegate"}')
         assert float(result[0]["value"][1]) == 1
+        _every_dashboard_query_returns_data(prom_port, w)
     finally:
         prom.terminate()
         prom.wait(20)

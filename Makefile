@@ -54,11 +54,12 @@ guest: setup vm-deps
 # wrk, nginx and haproxy run the tiny benchmark (tests/test_bench.py); QEMU, busybox and lz4
 # build and boot the microVM guest (tests/test_guest.py); valgrind counts instructions per request
 # (bench measure, tests/test_bench.py); systemd's systemd-socket-activate hands wakegate its listeners
-# (tests/test_runtime.py).
-TEST_PACKAGES := prometheus wrk nginx-light haproxy qemu-system-x86 busybox-static lz4 valgrind systemd
+# (tests/test_runtime.py); headless chromium shows the waiting page (tests/test_pages.py); curl and openssl
+# test TLS (tests/test_tls.py).
+TEST_PACKAGES := prometheus wrk nginx-light haproxy qemu-system-x86 busybox-static lz4 valgrind systemd chromium curl openssl
 test-deps:
 	@missing=""; \
-	for tool in prometheus wrk nginx haproxy qemu-system-x86_64 lz4 valgrind systemd-socket-activate; do \
+	for tool in prometheus wrk nginx haproxy qemu-system-x86_64 lz4 valgrind systemd-socket-activate chromium curl openssl; do \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
 	done; \
 	[ -x /bin/busybox ] || missing="$$missing busybox"; \

@@ -41,7 +41,10 @@ def make_route(config, svc):
         )
     pool = UpstreamPool(svc.upstream.host, svc.upstream.port, config.proxy.upstream_keepalive,
                         config.proxy.upstream_max_connections)
-    return ServiceRoute(svc.name, pool, no_wake=no_wake)
+    route = ServiceRoute(svc.name, pool, no_wake=no_wake)
+    if svc.wakeable and svc.wait_page:
+        route.wait_page_after = svc.wait_page_after
+    return route
 
 
 def build_router(config, controller=None):

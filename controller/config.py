@@ -218,6 +218,8 @@ class ServiceConfig:
     ready_path: str = "/"
     max_queue: int = MAX_QUEUE
     no_wake: NoWake = NoWake()
+    wait_page: bool = False  # browsers held longer than wait_page_after get a page that waits for the wake
+    wait_page_after: float = 1.0
     microvm: MicroVMConfig | None = None  # set: the service runs in a microVM, not as a command
     snapshot_policy: str = "stateful"
     criu: CriuConfig | None = None  # set: a command service with sleep = "snapshot"
@@ -681,7 +683,7 @@ def _wasm(w: _Reader, path: str) -> WasmConfig:
 
 
 _WAKE_KEYS = ("cwd", "env", "sleep", "snapshot_policy", "idle_timeout", "wake_timeout", "max_queue", "ready_path",
-              "no_wake")
+              "no_wake", "wait_page", "wait_page_after")
 
 
 def _refuse(r: _Reader, keys, why: str) -> None:
@@ -758,6 +760,8 @@ def _lifecycle(r: _Reader, path: str, upstream: Address) -> dict:
     if not ready_path.startswith("/") or not ready_path.isprintable() or " " in ready_path:
         raise r.error("ready_path", f'expected a path like "/" or "/healthz", got {ready_path!r}')
     out["ready_path"] = ready_path
+    out["wait_page"] = r.boolean("wait_page", False)
+    out["wait_page_after"] = r.duration("wait_page_after", 1.0, allow_zero=True)
     w = r.sub("no_wake")
     out["no_wake"] = NoWake(
         paths=tuple(_check_path(w, p) for p in w.strings("paths")),

@@ -54,7 +54,8 @@ def make_backend(svc, instance: str = "default") -> Backend | None:
 def same_backend(a, b) -> bool:
     """Whether two configs of a service run the same backend: all but routing and limits are equal
     (a reload keeps such a service's process and state, and applies the rest to new requests)."""
-    neutral = dict(hosts=(), paths=(), idle_timeout=0.0, wake_timeout=0.0, max_queue=0, no_wake=NoWake())
+    neutral = dict(hosts=(), paths=(), idle_timeout=0.0, wake_timeout=0.0, max_queue=0, no_wake=NoWake(),
+                   wait_page=False, wait_page_after=0.0)
     return dataclasses.replace(a, **neutral) == dataclasses.replace(b, **neutral)
 
 

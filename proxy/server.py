@@ -30,6 +30,7 @@ from .http11 import (
 
 from .metrics import ACCESS_FLUSH_BYTES, BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
 from .routing import Router
+from .pages import STATE_PATH, state_response, waiting_page, wants_html
 from .seam import Refused
 from .upstream import UpstreamConnection, UpstreamPool
 
@@ -119,7 +120,7 @@ class ServiceRoute:
     """What a request is routed to: a service's name, its upstream pool, its controller
     Service (the acquire/release seam) and its no-wake rules."""
 
-    __slots__ = ("name", "name_bytes", "pool", "pool_key", "service", "no_wake", "stats")
+    __slots__ = ("name", "name_bytes", "pool", "pool_key", "service", "no_wake", "stats", "wait_page_after")
 
     def __init__(self, name: str, pool: UpstreamPool, service=None, no_wake=None) -> None:
         self.name = name
@@ -129,6 +130,7 @@ class ServiceRoute:
         self.no_wake = no_wake  # (path prefixes, user-agent substrings, status) or None
         self.stats = ServiceStats()
         self.pool_key = None  # what the pool was made from: a reload keeps the pool when it is the same
+        self.wait_page_after = None  # seconds a browser's request is held before it gets the waiting page
 
     def must_not_wake(self, head) -> bool:
         """A request that only asks whether the service is up (monitors): never a reason to wake it."""
@@ -520,6 +522,12 @@ class ClientConnection(asyncio.Protocol):
         self.retried = False
         service = route.service
         if service is not None:
+            if route.wait_page_after is not None and head.path.startswith(STATE_PATH):
+                board = service.board
+                state = ("asleep", "waking", "ready", "sleeping", "failed")[board.state(service.slot)]
+                keep = head.keep_alive and head.body_length == 0 and not self.server.draining
+                self._local_response(head, 200, out=state_response(route.name, state, state == "ready", keep))
+                return
             if route.no_wake is not None and not service.awake and route.must_not_wake(head):
                 self._local_response(head, route.no_wake[2], retry_after=1)
                 return
@@ -533,6 +541,8 @@ class ClientConnection(asyncio.Protocol):
                 self.t_held = perf_counter()
                 self._to("hold")  # the body (if any) is read into pending meanwhile
                 self.deadline = 0.0  # the controller answers for the wake deadline
+                if route.wait_page_after is not None and self.req_body_done and wants_html(head):
+                    self.deadline = self.loop.time() + route.wait_page_after  # then the waiting page
                 if not self.req_body_done:
                     self._arm_body_deadline()
                 lease.on_ready = self._lease_ready
@@ -935,10 +945,12 @@ class ClientConnection(asyncio.Protocol):
         self.keep = keep
         self._finish(False)
 
-    def _local_response(self, head, status: int, retry_after: float = 0) -> None:
-        """Answer a request wakegate serves itself, keeping the connection if its framing allows."""
+    def _local_response(self, head, status: int, retry_after: float = 0, out: bytes | None = None) -> None:
+        """Answer a request wakegate serves itself (out: a whole response made by the caller, which
+        decided keep-alive the same way), keeping the connection if its framing allows."""
         keep = head.keep_alive and head.body_length == 0 and not self.server.draining
-        out = error_response(status, keep, head.is_head, retry_after)
+        if out is None:
+            out = error_response(status, keep, head.is_head, retry_after)
         self.transport.write(out)
         if self.req is head:  # routed: the service answered for (no-wake, queue full, failed)
             self.status_sent = status
@@ -1051,6 +1063,14 @@ class ClientConnection(asyncio.Protocol):
             self.waiting_for_pool = False
             self._count_upstream_error("connect_timeout")
             self._upstream_error(504, "upstream connect timed out")
+        elif state == S_HELD and self.route is not None and self.route.wait_page_after is not None:
+            lease, self.lease = self.lease, None  # the wake goes on; this browser gets a page that waits
+            if lease is not None:
+                lease.release()
+            head = self.req
+            keep = head.keep_alive and not self.server.draining
+            self._to("respond")
+            self._local_response(head, 503, out=waiting_page(self.route.name, keep))
         elif state == S_EXCHANGE:
             if self.write_paused and self.responded:
                 log.info("client %s reads too slowly; closing", self.client_addr.decode())

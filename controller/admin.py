@@ -59,6 +59,8 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
         if expected and request.path not in ("/healthz", "/openapi.json"):
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
+            if request.path == "/" and not given:  # a browser opening the status page: ?token=
+                scheme, value = "bearer", request.query.get("token", "")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
                 return _json({"error": "missing or wrong bearer token"}, 401)
         return await handler(request)
@@ -128,6 +130,26 @@ def make_app(controller, token: str = "", exposition=None, busy: dict | None = N
         return _json(document(__version__))
 
     app.router.add_get("/openapi.json", openapi)
+
+    async def status_page(request):
+        from .statuspage import PAGE
+
+        return web.Response(text=PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def status_json(request):
+        """What the status page draws: every service's state and counts, with requests answered."""
+        answered = {}
+        if runtime is not None:
+            await runtime.refresh_stats()
+            answered = {name: sum(merged.stats.codes.values()) for name, merged in runtime.routes.items()}
+        services = [{key: s.get(key) for key in ("name", "state", "mode", "in_flight", "queued", "wakes",
+                                                "last_wake_ms", "last_resume_ms", "last_ready_ms")}
+                    | {"requests": answered.get(s["name"], 0)} for s in controller.snapshot()]
+        return _json({"time": time.time(), "services": services,
+                      "workers": len(runtime.workers()) if runtime is not None else 1})
+
+    app.router.add_get("/", status_page)
+    app.router.add_get("/status.json", status_json)
     return app
 
 

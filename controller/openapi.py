@@ -114,6 +114,23 @@ def document(version: str) -> dict:
                     "401": _json(_ERROR, "missing or wrong bearer token"),
                     "404": _json(_ERROR, "metrics are off ([metrics] enabled = false)"),
                 }}},
+            "/": {"get": {
+                "summary": "The live status page (HTML; a browser passes the token as ?token=)",
+                "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}},
+                    "401": _json(_ERROR, "missing or wrong token"),
+                }}},
+            "/status.json": {"get": {
+                "summary": "What the status page draws: states, counts and requests answered per service",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["time", "services", "workers"], "properties": {
+                        "time": {"type": "number"}, "workers": {"type": "integer"},
+                        "services": {"type": "array", "items": {"type": "object", "required": ["name", "state",
+                                                                                                "requests"]}}}},
+                        "the services"),
+                    "401": _json(_ERROR, "missing or wrong bearer token"),
+                }}},
             "/openapi.json": {"get": {
                 "summary": "This description", "security": [],
                 "responses": {"200": _json({"type": "object"}, "the OpenAPI document")}}},

@@ -130,7 +130,7 @@ def test_admin_api_matches_its_openapi_description(start_wakegate):
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}  # schemathesis leaves out the description's own URL
     assert labels >= {"GET /healthz", "GET /services", "POST /services/{name}/wake", "POST /services/{name}/sleep",
-                      "POST /reload", "GET /metrics"}, labels
+                      "POST /reload", "GET /metrics", "GET /", "GET /status.json"}, labels
     for operation in operations:
         @given(case=operation.as_strategy())
         @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -142,3 +142,62 @@ def test_admin_api_matches_its_openapi_description(start_wakegate):
                     case.call_and_validate(timeout=30)
 
         check()
+
+
+# ---- the live status page, in headless Chromium ------------------------------------------------
+
+def test_the_status_page_shows_every_service_live(start_wakegate):
+    """The page needs the token; opened with it in headless Chromium it lists every service with its
+    state and draws the request rate of one under traffic, updating itself."""
+    import asyncio
+    import os
+    import threading
+    import urllib.error
+
+    import pytest
+
+    from . import chromium
+    from .conftest import Client
+    from .test_controller import get, service as command_service
+
+    why = chromium.available()
+    if why:
+        pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
+    w = start_wakegate(command_service("sleepy", free_port(), idle="3s") + SERVICE.format(port=free_port()),
+                       admin_extra='token = "secret"')
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{w.admin_port}/", timeout=5)
+        raise AssertionError("the status page answered without the token")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401
+    stop = threading.Event()
+
+    def traffic():
+        c = Client(w.port)
+        while not stop.is_set():
+            assert c.request(get("sleepy.test")).status == 200
+            time.sleep(0.02)
+        c.close()
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+
+    async def look():
+        async with chromium.Browser() as browser:
+            await browser.goto(f"http://127.0.0.1:{w.admin_port}/?token=secret")
+            rows = await browser.wait_for("document.querySelectorAll('#rows tr').length === 2 && "
+                                          "Array.from(document.querySelectorAll('#rows tr td:first-child'))"
+                                          ".map(td => td.textContent).join(',')")
+            assert rows == "sleepy,a"
+            await browser.wait_for("document.querySelector('#rows tr .state').textContent === 'ready'", 15)
+            await browser.wait_for("document.querySelectorAll('#rows tr:first-child polyline.rate').length === 1 "
+                                   "&& document.querySelector('#rows tr:first-child polyline.rate')"
+                                   ".getAttribute('points').split(' ').length >= 3", 20)
+            return await browser.screenshot("status-page")
+
+    try:
+        png = asyncio.run(look())
+    finally:
+        stop.set()
+        sender.join()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
 """Headless Chromium (Debian's chromium) driven over the DevTools protocol, for the tests of the pages
-wakegate serves to browsers. Names under *.test resolve to 127.0.0.1 inside the browser."""
+wakegate serves to browsers. Every name resolves to 127.0.0.1 inside the browser: it reaches nothing else."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Browser:
         self.proc = subprocess.Popen(
             ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-dev-shm-usage", "--remote-debugging-port=0", f"--user-data-dir={self.profile.name}",
-             "--host-resolver-rules=MAP *.test 127.0.0.1", "--window-size=1000,700", "about:blank"],
+             "--host-resolver-rules=MAP * 127.0.0.1", "--window-size=1000,700", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         url = await asyncio.get_running_loop().run_in_executor(None, self._devtools_url)
         self.http = aiohttp.ClientSession()

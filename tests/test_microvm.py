@@ -440,3 +440,29 @@ def test_vmm_killed_during_a_wake_answers_held_requests(built_guest, tmp_path, s
     assert "QEMU exited" in w.output()
     time.sleep(1.5)  # the first backoff is 1 s
     assert get(w).body == HELLO
+
+
+def test_a_browser_waits_through_a_cold_boot_on_the_waiting_page(built_guest, tmp_path, start_wakegate):  # noqa: F811
+    """The waiting page for a microVM's cold boot: headless Chromium lands on the guest's own page."""
+    import asyncio
+    import os
+
+    from . import chromium
+
+    why = chromium.available()
+    if why:
+        pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
+    w = start_wakegate(vm_config(built_guest, tmp_path, free_port(),
+                                 extra_service='wait_page = true\nwait_page_after = "300ms"\n'))
+
+    async def browse():
+        async with chromium.Browser() as browser:
+            await browser.goto(f"http://vm.example:{w.port}/")
+            assert await browser.wait_for("document.title") == "vm is starting"
+            await browser.screenshot("waiting-page-microvm")
+            await browser.wait_for("document.readyState === 'complete' && !document.title.endsWith('is starting') "
+                                   "&& document.body && document.body.innerText.length > 0", timeout=WAIT)
+            assert await browser.evaluate("location.href") == f"http://vm.example:{w.port}/"
+
+    asyncio.run(browse())
+    assert admin(w, "/services")["services"][0]["wakes"] == 1

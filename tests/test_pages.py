@@ -35,7 +35,7 @@ def test_the_page_is_self_contained_and_escapes_the_name():
 
 
 def wait_config(port):
-    return service("slowstart", port, sleep="stop", idle="1h", wake="20s", args=("--startup-delay", "2"),
+    return service("slowstart", port, sleep="stop", idle="1h", wake="20s", args=("--startup-delay", "3"),
                    extra='wait_page = true\nwait_page_after = "300ms"')
 
 

@@ -27,7 +27,7 @@ def test_version_names_the_parser():
 def test_check_example_config():
     result = wakegate("check", "-c", "config.example.toml")
     assert result.returncode == 0, result.stderr
-    assert "ok, 5 services" in result.stdout and PARSER in result.stdout
+    assert "ok, 6 services" in result.stdout and PARSER in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def tls(args, progress=print) -> dict:
         finally:
             for proc in (wg, ngx, backend):
                 stop_process(proc, 20)
-    out = {"scenario": "tls", "connections": connections, "cases": {}}
+    out = {"scenario": "tls", "connections": connections, "modes": {}}
     for mode in ("keep-alive", "new connection"):
         case = {}
         for name in targets:
@@ -88,7 +88,7 @@ def tls(args, progress=print) -> dict:
                           "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in rs),
                           "errors": sum(r["errors"] for r in rs)}
         case["wakegate_vs_nginx"] = case["wakegate"]["rps"] / case["nginx"]["rps"]
-        out["cases"][mode] = case
+        out["modes"][mode] = case
     return out
 
 
@@ -108,7 +108,7 @@ def markdown(section: dict) -> str:
     lines = [f"{section['connections']} connections, 2-byte responses, RSA 2048, one worker each.", "",
              "| connections | wakegate req/s | nginx req/s | wakegate / nginx | wakegate CPU µs/req | nginx CPU µs/req |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for mode, case in section["cases"].items():
+    for mode, case in section["modes"].items():
         wg, ngx = case["wakegate"], case["nginx"]
         lines.append(f"| {mode} | {wg['rps']:.0f} | {ngx['rps']:.0f} | {case['wakegate_vs_nginx']:.2f}x | "
                      f"{wg['cpu_us_per_request']:.1f} | {ngx['cpu_us_per_request']:.1f} |")

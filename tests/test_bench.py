@@ -128,7 +128,7 @@ def test_tls_compares_wakegate_with_nginx_over_https(tiny_run):
     _, results, _ = tiny_run
     section = results["sections"]["tls"]
     for mode in ("keep-alive", "new connection"):
-        case = section["cases"][mode]
+        case = section["modes"][mode]
         for target in ("wakegate", "nginx"):
             assert case[target]["rps"] > 0 and case[target]["errors"] == 0, (mode, target, case)
         assert case["wakegate_vs_nginx"] > 0

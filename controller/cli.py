@@ -47,8 +47,8 @@ def make_route(config, svc):
     return route
 
 
-def build_router(config, controller=None):
-    """The proxy's routing table for a validated config; with a controller, routes carry the seam."""
+def build_router(config):
+    """The proxy's routing table for a validated config (the caller puts each route's gate on it)."""
     from proxy.routing import Router
 
     routes = {name: make_route(config, svc) for name, svc in config.services.items()}

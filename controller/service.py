@@ -45,8 +45,7 @@ class State(enum.Enum):
 
 ASLEEP, WAKING, READY, SLEEPING, FAILED = State.ASLEEP, State.WAKING, State.READY, State.SLEEPING, State.FAILED
 # What the board publishes for each state (proxy/board.py): workers read these codes.
-PUBLISHED = {ASLEEP: published.ASLEEP, WAKING: published.WAKING, READY: published.READY,
-             SLEEPING: published.SLEEPING, FAILED: published.FAILED}
+PUBLISHED = {state: published.STATE_NAMES.index(state.value) for state in State}
 
 # Every transition of the life cycle, in one place: state -> {event: next state}.
 SERVICE_TRANSITIONS: dict[State, dict[str, State]] = {

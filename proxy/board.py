@@ -34,6 +34,7 @@ import time
 
 # Published states (controller.service.State maps onto these)
 ASLEEP, WAKING, READY, SLEEPING, FAILED = range(5)
+STATE_NAMES = ("asleep", "waking", "ready", "sleeping", "failed")  # by code, as controller.service.State names them
 
 WORDS = 8  # per line: 64 bytes, one cache line
 B_STATE, B_FAILED_UNTIL, B_HELD_TOTAL = 0, 1, 2

@@ -28,9 +28,10 @@ from .http11 import (
     parse_response,
 )
 
+from .board import STATE_NAMES as SERVICE_STATE_NAMES
 from .metrics import ACCESS_FLUSH_BYTES, BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
-from .routing import Router
 from .pages import STATE_PATH, state_response, waiting_page, wants_html
+from .routing import Router
 from .seam import Refused
 from .upstream import UpstreamConnection, UpstreamPool
 
@@ -117,8 +118,8 @@ def error_response(status: int, keep_alive: bool = False, head_only: bool = Fals
 
 
 class ServiceRoute:
-    """What a request is routed to: a service's name, its upstream pool, its controller
-    Service (the acquire/release seam) and its no-wake rules."""
+    """What a request is routed to: a service's name, its upstream pool, its gate (the
+    acquire/release seam, proxy/gate.py), its no-wake rules and its waiting page."""
 
     __slots__ = ("name", "name_bytes", "pool", "pool_key", "service", "no_wake", "stats", "wait_page_after")
 
@@ -523,8 +524,7 @@ class ClientConnection(asyncio.Protocol):
         service = route.service
         if service is not None:
             if route.wait_page_after is not None and head.path.startswith(STATE_PATH):
-                board = service.board
-                state = ("asleep", "waking", "ready", "sleeping", "failed")[board.state(service.slot)]
+                state = SERVICE_STATE_NAMES[service.board.state(service.slot)]
                 keep = head.keep_alive and head.body_length == 0 and not self.server.draining
                 self._local_response(head, 200, out=state_response(route.name, state, state == "ready", keep))
                 return

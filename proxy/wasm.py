@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from time import perf_counter
 
 from .http11 import CHUNKED, ProtocolError, parse_request
@@ -45,9 +46,6 @@ MAX_STDERR_KEPT = 2048  # of a failing handler's stderr, the part that goes in t
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te", b"trailer", b"upgrade",
                b"status", b"proxy-connection"}
-_REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
-            304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-            405: b"Method Not Allowed", 413: b"Content Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway"}
 
 
 class HandlerError(Exception):
@@ -300,7 +298,11 @@ class CgiResponse:
 
 
 def http_head(status: int, headers: list, length: int | None, extra: bytes = b"") -> bytes:
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Status"))]
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:  # a status the handler made up (299, 599 ...)
+        reason = b"Status"
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     lines += [name + b": " + value + b"\r\n" for name, value in headers]
     lines.append(b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n")
     return b"".join(lines) + extra + b"\r\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -308,6 +309,10 @@ async def run_worker(control_fd: int, listen_fd: int, board_fd: int, tls_fd: int
         loop.add_signal_handler(sig, stop.set)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the controller's: it tells us the new config
     await path.start(listener, socket.socket(fileno=tls_fd) if tls_fd >= 0 else None)
+    # What is built now (config, routes, gates) lives as long as the process: out of the collector's
+    # full passes, as the controller does with its own.
+    gc.collect()
+    gc.freeze()
     channel.send({"op": "ready", "pid": os.getpid()})
     receiving = loop.create_task(_serve_controller(channel, path))
     stopping = loop.create_task(stop.wait())

@@ -226,6 +226,9 @@ class ServiceConfig:
     docker: DockerConfig | None = None  # set: the service is a Docker container (or several)
     oci: OCIConfig | None = None  # set: the service is an OCI bundle run by runc (or crun, runsc)
     wasm: WasmConfig | None = None  # set: wakegate runs the service's WebAssembly module per request
+    # Listeners of the service's own: every request on them goes to it, whatever its Host (a
+    # Kubernetes pod's containerPort on the node's address, or ``listen`` in its table).
+    listen: tuple[Address, ...] = ()
 
     @property
     def wakeable(self) -> bool:
@@ -856,6 +859,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     services: dict[str, ServiceConfig] = {}
     s = top.sub("services")
     seen: dict[tuple[str, str], str] = {}
+    listened: dict[Address, str] = {}
     for name in list(s.table):
         r = s.sub(name)
         if not _NAME.match(name):
@@ -868,9 +872,18 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
                 if other != name:
                     where = f"{host}{prefix}"
                     raise r.error("hosts", f"{where!r} is already routed to service {other!r}")
+        for address in service.listen:
+            other = listened.setdefault(address, name)
+            if other != name:
+                raise r.error("listen", f"{str(address)!r} is already the listener of service {other!r}")
+            if address in (proxy.listen, admin.listen):
+                raise r.error("listen", f"{str(address)!r} is the {'proxy' if address == proxy.listen else 'admin'} "
+                              "listener")
         services[name] = service
     s.used.update(s.table)
     tls = _tls(top.sub("tls"), path)
+    if tls.listen is not None and tls.listen in listened:
+        raise s.sub(listened[tls.listen]).error("listen", f"{str(tls.listen)!r} is the tls listener")
     d = top.sub("docker")
     discovery = DiscoverySettings(enabled=d.boolean("discover", False), socket=d.string("socket", DOCKER_SOCKET))
     if not discovery.socket.startswith("/"):
@@ -888,11 +901,22 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
 
 
 def _service(r: _Reader, name: str, path: str, hosts_optional: bool = False) -> ServiceConfig:
-    """One service's table (or a container's labels, read as one)."""
+    """One service's table (or a container's labels, or a pod, read as one)."""
     hosts = tuple(_check_host_pattern(r, h) for h in r.strings("hosts"))
     paths = tuple(_check_path(r, x) for x in r.strings("paths"))
-    if not hosts and not hosts_optional:
-        raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"]')
+    listen = []
+    for value in r.strings("listen"):
+        address = parse_address(value)
+        if address is None or address.port == 0:
+            raise r.error("listen", f'expected "host:port" with a port (IPv6 as "[::1]:port"), got {value!r}')
+        if address in listen:
+            raise r.error("listen", f"{value!r} is listed twice")
+        listen.append(address)
+    if r.has("wasm") and listen:
+        raise r.error("listen", "a wasm service is answered by Host; it cannot have listeners of its own")
+    if not hosts and not hosts_optional and not listen:
+        raise r.error("hosts", 'missing; list the Host names this service answers, like ["app.example"] '
+                      '(or give it listeners of its own: listen = ["127.0.0.1:9100"])')
     docker = r.table.get("docker")
     if not r.has("upstream") and isinstance(docker, dict) and docker.get("port"):
         upstream = Address("127.0.0.1", 0)  # found at each wake from the container (DockerConfig.port)
@@ -905,7 +929,7 @@ def _service(r: _Reader, name: str, path: str, hosts_optional: bool = False) -> 
         upstream = r.address("upstream")
     lifecycle = _lifecycle(r, path, upstream)
     r.finish()
-    return ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream, **lifecycle)
+    return ServiceConfig(name=name, hosts=hosts, paths=paths, upstream=upstream, listen=tuple(listen), **lifecycle)
 
 
 # Docker labels that make a container a service (README "Discovery"): wakegate.enable=true, then

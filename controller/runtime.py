@@ -58,6 +58,7 @@ class Runtime:
         self.proxy_stats = ProxyStats()
         self.discovery = None
         self.reloads = 0
+        self.listeners: dict[str, object] = {}  # services' own listening sockets, by address
         self._reloading = asyncio.Lock()
         self._stop = asyncio.Event()
 
@@ -119,6 +120,12 @@ class Runtime:
             self.fleet = Workers(workers, config, self.shared, controller.slots(), controller.ask, self.log_level)
         else:
             self.fleet = InProcess(config, board, controller.slots(), controller.ask)
+        problem = self.open_listeners(config)
+        if problem:
+            for s in (sock, tls_sock):
+                s is not None and s.close()
+            print(f"wakegate: {config.path}: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
         controller.attach(self.fleet)
         try:
             await self.fleet.start(sock, tls_sock)
@@ -167,6 +174,8 @@ class Runtime:
         cut = await self.fleet.drain(grace)
         if cut:
             log.warning("drain: %d connections were still busy at the end of the grace period", cut)
+        for key in list(self.listeners):
+            self.listeners.pop(key).close()
         if self.discovery is not None:
             await self.discovery.close()
         await self.controller.close()  # stops every backend process: nothing is left behind
@@ -175,6 +184,35 @@ class Runtime:
             self.shared.close()
         log.info("stopped")
         return 0
+
+    # ---- services' own listeners ----
+
+    def open_listener(self, address) -> None:
+        """Bind a service's own listener (kept open across reloads while a service has it) and hand
+        it to the proxy processes; OSError when the address cannot be had."""
+        key = str(address)
+        if key in self.listeners:
+            return
+        sock = bind_listener(address)
+        self.listeners[key] = sock
+        self.fleet.listen(key, sock)
+
+    def open_listeners(self, config) -> str | None:
+        """Every listener config's services name, opened; what went wrong, naming the service's key."""
+        for name, svc in config.services.items():
+            for address in svc.listen:
+                try:
+                    self.open_listener(address)
+                except OSError as exc:
+                    return f"services.{name}.listen: cannot listen on {address}: {exc.strerror or exc}"
+        return None
+
+    def close_listeners(self, config) -> None:
+        """Let go of the listeners no service of config has (the proxy processes already did)."""
+        wanted = {str(a) for svc in config.services.values() for a in svc.listen}
+        for key in [k for k in self.listeners if k not in wanted]:
+            self.fleet.unlisten(key)
+            self.listeners.pop(key).close()
 
     # ---- metrics over every worker ----
 
@@ -229,6 +267,7 @@ class Runtime:
             self.config = dataclasses.replace(self.config, services=services)
             await self.fleet.reload(self.config, self.controller.slots())
             self.controller.settle()
+            self.close_listeners(self.config)
 
     async def _apply(self, new, why: str) -> dict:
         """Make a validated config the running one (a reload, or discovery's services changing)."""
@@ -253,14 +292,21 @@ class Runtime:
         if self.discovery is not None:
             discovered = {n: s for n, s in self.discovery.live.discovered.items() if n not in new.services}
             new = dataclasses.replace(new, services={**discovered, **new.services})
+        problem = self.open_listeners(new)
+        if problem:
+            log.error("%s: %s; keeping the running config", why, problem)
+            self.close_listeners(self.config)  # those just opened for it
+            return {"ok": False, "error": f"{new.path}: {problem}"}
         try:
             changes = self.controller.reconcile(new)
         except RuntimeError as exc:  # out of board slots
             log.error("%s: %s; keeping the running config", why, exc)
+            self.close_listeners(self.config)
             return {"ok": False, "error": str(exc)}
         self.config, self.file_config = new, file_config
         await self.fleet.reload(new, self.controller.slots())
         self.controller.settle()
+        self.close_listeners(new)
         self.reloads += 1
         for line in changes:
             log.info("%s: service %s", why, line)

@@ -9,7 +9,11 @@ reset), and a reload never closes the listener. Each worker has one Unix socket 
 a worker that dies is restarted and its counts on the board are reclaimed, and a worker whose
 controller dies exits (the socket ends; ``setpriv --pdeathsig`` backs that up).
 
-Both offer the same calls: answer, flush, flush_wait, upstream, stats, describe, reload, drain.
+Services' own listeners (``listen``, a Kubernetes pod's port) are bound by the controller too, and
+handed to every worker over a second Unix socket (SCM_RIGHTS), also to a worker started later.
+
+Both offer the same calls: answer, flush, flush_wait, upstream, stats, describe, reload, drain,
+listen, unlisten.
 """
 
 from __future__ import annotations
@@ -151,6 +155,14 @@ class InProcess:
         self.path = DataPath(config, board, 0, slots, ask)
         self.started = time.monotonic()
 
+    def listen(self, key: str, sock: socket.socket) -> None:
+        """A service's own listener: served once a config routes it (at the next reload or start)."""
+        self.path.give_listener(key, sock.dup())
+
+    def unlisten(self, key: str) -> None:
+        """No service has the address any more (the reload that removed the last one stopped serving it)."""
+        self.path.drop_listener(key)
+
     async def start(self, sock: socket.socket | None = None, tls_sock: socket.socket | None = None) -> None:
         await self.path.start(sock, tls_sock)
 
@@ -195,6 +207,20 @@ class _Worker:
         self.last_stats: dict | None = None
         self.reader: asyncio.Task | None = None
         self.generation = 0  # of the config it was given
+        self.fds: socket.socket | None = None  # where services' own listeners are handed over
+
+
+def hand_over(channel: socket.socket, key: str, sock: socket.socket | None) -> None:
+    """Send one listening socket, named by its address, to a worker (SCM_RIGHTS on SOCK_SEQPACKET:
+    one message, one descriptor: "+address"), or tell it to let go of one ("-address", no descriptor:
+    on the same channel, so it can never overtake the socket it is about)."""
+    try:
+        if sock is None:
+            channel.send(b"-" + key.encode())
+        else:
+            socket.send_fds(channel, [b"+" + key.encode()], [sock.fileno()])
+    except OSError as exc:  # the worker is gone: its successor gets every listener when it starts
+        log.debug("handing over %s: %s", key, exc)
 
 
 class Workers:
@@ -216,6 +242,7 @@ class Workers:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._restarts: set[asyncio.Task] = set()
+        self.port_listeners: dict[str, socket.socket] = {}  # services' own listeners, by address
 
     async def start(self, sock: socket.socket, tls_sock: socket.socket | None = None) -> None:
         self.listener = sock
@@ -225,17 +252,27 @@ class Workers:
     async def _spawn(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds_ours, fds_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            fds = [theirs.fileno(), self.listener.fileno(), self.shared.fd]
+            fds = [theirs.fileno(), self.listener.fileno(), self.shared.fd, fds_theirs.fileno()]
             argv = PDEATHSIG + [sys.executable, "-m", "proxy.worker", "--control", str(theirs.fileno()),
                                 "--listen", str(self.listener.fileno()), "--board", str(self.shared.fd),
-                                "--log-level", self.log_level]
+                                "--fds", str(fds_theirs.fileno()), "--log-level", self.log_level]
             if self.tls_listener is not None:
                 argv += ["--tls-listen", str(self.tls_listener.fileno())]
                 fds.append(self.tls_listener.fileno())
             worker.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, env=_worker_env())
+        except BaseException:
+            fds_ours.close()
+            raise
         finally:
             theirs.close()
+            fds_theirs.close()
+        if worker.fds is not None:
+            worker.fds.close()
+        worker.fds = fds_ours
+        for key, sock in self.port_listeners.items():
+            hand_over(fds_ours, key, sock)
         worker.pid = worker.proc.pid
         worker.started = time.monotonic()
         worker.ready = False
@@ -332,6 +369,20 @@ class Workers:
 
     # ---- the calls every fleet offers ----
 
+    def listen(self, key: str, sock: socket.socket) -> None:
+        """A service's own listener: every worker gets it now (and a worker started later, at its start)."""
+        self.port_listeners[key] = sock
+        for worker in self.workers:
+            if worker.fds is not None:
+                hand_over(worker.fds, key, sock)
+
+    def unlisten(self, key: str) -> None:
+        """No service has the address any more (the reload that removed the last one stopped serving it)."""
+        self.port_listeners.pop(key, None)
+        for worker in self.workers:
+            if worker.fds is not None:
+                hand_over(worker.fds, key, None)
+
     def answer(self, slot: int, refused: Refused | None) -> None:
         self._broadcast({"op": "answer", "slot": slot, "refused": None if refused is None else
                          (refused.status, refused.reason, refused.retry_after)})
@@ -371,6 +422,7 @@ class Workers:
             if listener is not None:
                 listener.close()
         self.listener = self.tls_listener = None
+        self.port_listeners.clear()  # the runtime closes its own
         for task in list(self._restarts):
             task.cancel()
         for worker in self.workers:
@@ -386,4 +438,8 @@ class Workers:
             await asyncio.wait(pending, timeout=5.0)
         for task in pending:
             task.cancel()
+        for worker in self.workers:
+            if worker.fds is not None:
+                worker.fds.close()
+                worker.fds = None
         return 0

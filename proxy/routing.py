@@ -104,3 +104,35 @@ class Router(Generic[T]):
                             return found
                     dot = host.find(b".", dot + 1)
         return self.default
+
+
+class PortRouter(Generic[T]):
+    """A listener of its own for one service, or for replicas that share a port (pods of one app on
+    one Kubernetes node): every request on it goes to one member, whatever its Host.
+
+    With several members, an awake one is taken in turn; when none is awake, the first one, so
+    that a burst wakes one replica rather than every one of them. ``members`` is changed in place
+    by a reload, so connections already open on the listener see the new members.
+    """
+
+    exact: dict = {}  # no Host lookups: ClientConnection's fast path always misses
+
+    def __init__(self, members: Iterable[T] = ()) -> None:
+        self.members: list[T] = list(members)
+        self._turn = 0
+
+    def route(self, host: bytes | None, path: bytes) -> T | None:
+        members = self.members
+        if len(members) == 1:
+            return members[0]
+        if not members:
+            return None
+        count = len(members)
+        for i in range(count):
+            index = (self._turn + i) % count
+            member = members[index]
+            service = member.service  # a ServiceRoute's gate; None: always up
+            if service is None or service.awake:
+                self._turn = (index + 1) % count
+                return member
+        return members[0]

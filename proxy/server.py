@@ -31,7 +31,7 @@ from .http11 import (
 from .board import STATE_NAMES as SERVICE_STATE_NAMES
 from .metrics import ACCESS_FLUSH_BYTES, BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
 from .pages import STATE_PATH, state_response, waiting_page, wants_html
-from .routing import Router
+from .routing import PortRouter, Router
 from .seam import Refused
 from .upstream import UpstreamConnection, UpstreamPool
 
@@ -184,6 +184,7 @@ class ProxyServer:
         self.measure = True  # [metrics] enabled
         self.server: asyncio.AbstractServer | None = None
         self.tls_server: asyncio.AbstractServer | None = None
+        self.port_servers: dict[str, asyncio.AbstractServer] = {}  # services' own listeners, by address
         self._ticker: asyncio.TimerHandle | None = None
         self._fd_checked = 0.0
         self._fd_warned = 0.0
@@ -208,6 +209,18 @@ class ProxyServer:
         self.tls_server = await self.loop.create_server(lambda: ClientConnection(self, b"https"), sock=sock,
                                                         backlog=4096, ssl=context,
                                                         ssl_handshake_timeout=self.limits.head_timeout)
+
+    async def start_port(self, key: str, sock: socket.socket, router: PortRouter) -> None:
+        """A service's own listener (``listen`` in its config, a pod's port): every request on it goes
+        to router's members."""
+        self.port_servers[key] = await self.loop.create_server(
+            lambda: ClientConnection(self, port_router=router), sock=sock, backlog=4096)
+
+    def stop_port(self, key: str) -> None:
+        """Stop accepting on a service's own listener; its open connections finish on their own."""
+        server = self.port_servers.pop(key, None)
+        if server is not None:
+            server.close()
 
     @property
     def sockets(self):
@@ -249,6 +262,8 @@ class ProxyServer:
             self.server.close()
         if self.tls_server is not None:
             self.tls_server.close()
+        for key in list(self.port_servers):
+            self.stop_port(key)
         for conn in list(self.connections):
             conn.drain()
         deadline = self.loop.time() + grace
@@ -273,12 +288,13 @@ class ClientConnection(asyncio.Protocol):
     through ``_teardown()``, whichever side ends it.
     """
 
-    def __init__(self, server: ProxyServer, proto: bytes = b"http") -> None:
+    def __init__(self, server: ProxyServer, proto: bytes = b"http", port_router: PortRouter | None = None) -> None:
         self.server = server
         self.proto = proto  # X-Forwarded-Proto upstream
         self.limits = server.limits
         self.loop = server.loop
-        self.exact_hosts = server.router.exact
+        self.port_router = port_router  # a service's own listener: its members, whatever the Host
+        self.exact_hosts = server.router.exact if port_router is None else port_router.exact
         self.transport = None
         self.client_addr = b""
         self.client_host = ""
@@ -499,7 +515,7 @@ class ClientConnection(asyncio.Protocol):
         host = head.host
         route = self.exact_hosts.get(host)  # one dict lookup for the common case
         if route is None or route.__class__ is not ServiceRoute:
-            route = self.server.router.route(host, path)
+            route = (self.port_router or self.server.router).route(host, path)
         if route is None:
             self._local_response(head, limits.unknown_host_status)
             return

@@ -106,6 +106,11 @@ class DataPath:
         self.wasm = None  # proxy/wasm.py's WasmServer, when the config has wasm services
         self.certificates = None  # proxy/tls.py's Certificates, with an HTTPS listener
         self._tls_check = None
+        # Services' own listeners (``listen``, a pod's port): the sockets the controller handed over,
+        # and the members each address routes to. A listener is served once it has both.
+        self.listeners: dict[str, socket.socket] = {}
+        self.port_routers: dict = {}  # address -> PortRouter
+        self.started = False
         self.server = ProxyServer(config.proxy, None, self.loop)
         self._apply(config, slots)
         self.server.server_timing = config.log.server_timing
@@ -152,7 +157,54 @@ class DataPath:
         self.routes, self.gates, self.config = routes, gates, config
         self._apply_wasm(config)
         self.server.router = router
+        self._apply_ports(config, routes)
         self.tick = min([EXPIRE_TICK_MAX] + [s.wake_timeout / 10 for s in config.services.values()])
+
+    def _apply_ports(self, config, routes: dict) -> None:
+        """Point every service's own listener at its members now; stop serving addresses no service
+        has any more (their connections finish on their own) and let go of their sockets."""
+        from .routing import PortRouter
+
+        wanted: dict[str, list] = {}
+        for name, svc in config.services.items():
+            for address in svc.listen:
+                wanted.setdefault(str(address), []).append(routes[name])
+        for key, members in wanted.items():
+            router = self.port_routers.get(key)
+            if router is None:
+                router = self.port_routers[key] = PortRouter()
+            router.members[:] = members  # in place: open connections see the change
+        for key in [k for k in self.port_routers if k not in wanted]:
+            self.port_routers.pop(key).members.clear()
+            self.server.stop_port(key)
+            sock = self.listeners.pop(key, None)
+            if sock is not None:
+                sock.close()  # a no-op once served: closing the server closed it
+
+    def give_listener(self, key: str, sock: socket.socket) -> None:
+        """The controller hands over a service's own listening socket (a duplicate of its own)."""
+        old = self.listeners.get(key)
+        if old is not None and old is not sock:
+            sock.close()  # already have it
+            return
+        self.listeners[key] = sock
+
+    def drop_listener(self, key: str) -> None:
+        """The controller let go of a listener no service routes: close ours unless a service has it."""
+        if key not in self.port_routers:
+            sock = self.listeners.pop(key, None)
+            if sock is not None:
+                sock.close()
+
+    async def serve_ports(self) -> None:
+        """Start accepting on every own listener that has both its socket and its members."""
+        if not self.started:
+            return
+        for key, router in self.port_routers.items():
+            sock = self.listeners.get(key)
+            if sock is not None and key not in self.server.port_servers:
+                sock.setblocking(False)
+                await self.server.start_port(key, sock, router)
 
     def _apply_wasm(self, config) -> None:
         """Wasm services are answered by this process's own handler listener: point their routes at it."""
@@ -178,6 +230,7 @@ class DataPath:
         from .server import Limits
 
         self._apply(config, slots)
+        await self.serve_ports()
         if self.wasm is not None and self.wasm.server is None and self.server.server is not None:
             await self.wasm.start()  # the first wasm service came with this reload
             self._apply_wasm(config)
@@ -247,6 +300,8 @@ class DataPath:
             if self.wasm is not None:
                 self.wasm.close()
             raise
+        self.started = True
+        await self.serve_ports()
         self._ticker = self.loop.call_later(self.tick, self._expire)
 
     def _check_certificates(self) -> None:
@@ -269,6 +324,9 @@ class DataPath:
         for gate in self.gates.values():
             gate.closing = "wakegate is shutting down"
         cut = await self.server.drain(grace)
+        for sock in self.listeners.values():
+            sock.close()  # a no-op for those being served: the drain closed them
+        self.listeners.clear()
         for gate in self.gates.values():
             gate.close("wakegate is shutting down")
         if self._ticker is not None:
@@ -292,7 +350,33 @@ class DataPath:
 
 # ---- the worker process ------------------------------------------------------------------
 
-async def run_worker(control_fd: int, listen_fd: int, board_fd: int, tls_fd: int = -1) -> int:
+MAX_LISTENER_NAME = 512  # an address as text ("[v6]:port"): far below this
+
+
+def take_listeners(channel: socket.socket, path: DataPath) -> None:
+    """Read the listening sockets the controller handed over, or lets go of (one per message:
+    controller/workers.py hand_over), and serve them."""
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(channel, MAX_LISTENER_NAME, 1)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            log.error("worker: reading handed-over listeners: %s", exc)
+            path.loop.remove_reader(channel.fileno())
+            return
+        if not data and not fds:  # the controller is gone; the control channel says so too
+            path.loop.remove_reader(channel.fileno())
+            return
+        key = data[1:].decode()
+        for fd in fds:
+            path.give_listener(key, socket.socket(fileno=fd))
+        if data[:1] == b"-":
+            path.drop_listener(key)
+    path.loop.create_task(path.serve_ports())
+
+
+async def run_worker(control_fd: int, listen_fd: int, board_fd: int, tls_fd: int = -1, fds_fd: int = -1) -> int:
     from .board import attach
 
     loop = asyncio.get_running_loop()
@@ -304,6 +388,11 @@ async def run_worker(control_fd: int, listen_fd: int, board_fd: int, tls_fd: int
     listener = socket.socket(fileno=listen_fd)
     config = start["config"]
     path = DataPath(config, board, start["worker"], start["slots"], lambda slot: channel.send({"op": "ask", "slot": slot}))
+    handed = None
+    if fds_fd >= 0:
+        handed = socket.socket(fileno=fds_fd)
+        handed.setblocking(False)
+        loop.add_reader(fds_fd, take_listeners, handed, path)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -328,6 +417,9 @@ async def run_worker(control_fd: int, listen_fd: int, board_fd: int, tls_fd: int
         log.warning("worker %d: %d connections were still busy at the end of the grace period", start["worker"], cut)
     channel.send({"op": "drained", "cut": cut})
     await channel.close()
+    if handed is not None:
+        loop.remove_reader(fds_fd)
+        handed.close()
     del board
     return 0
 
@@ -363,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=int, required=True)
     parser.add_argument("--board", type=int, required=True)
     parser.add_argument("--tls-listen", type=int, default=-1)
+    parser.add_argument("--fds", type=int, default=-1, help="where services' own listeners are handed over")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -370,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     try:
-        return uvloop.run(run_worker(args.control, args.listen, args.board, args.tls_listen))
+        return uvloop.run(run_worker(args.control, args.listen, args.board, args.tls_listen, args.fds))
     except KeyboardInterrupt:
         return 0
 

@@ -180,6 +180,18 @@ BAD = [
      "services.x.upstream", "no upstream"),
     ('[services.x]\nhosts = ["x.example"]\ncommand = ["sh"]\n[services.x.wasm]\n'
      'module = "/bin/sh"\n', "services.x.wasm", "also has 'command'"),
+] + [  # a service's own listeners
+    ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["nowhere"]\n', "services.x.listen", "host:port"),
+    ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["127.0.0.1:0"]\n', "services.x.listen", "with a port"),
+    ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["127.0.0.1:7001", "127.0.0.1:7001"]\n', "services.x.listen",
+     "listed twice"),
+    ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["127.0.0.1:7001"]\n[services.y]\nupstream = "127.0.0.1:1"\n'
+     'listen = ["127.0.0.1:7001"]\n', "services.y.listen", "already the listener of service 'x'"),
+    ('[proxy]\nlisten = "127.0.0.1:7002"\n[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["127.0.0.1:7002"]\n',
+     "services.x.listen", "the proxy listener"),
+    ('[services.x]\nupstream = "127.0.0.1:1"\n', "services.x.hosts", "listen = ["),
+    ('[services.x]\nlisten = ["127.0.0.1:7003"]\n[services.x.wasm]\nmodule = "/bin/sh"\n', "services.x.listen",
+     "answered by Host"),
 ]
 
 MINIMAL = '[services.ok]\nhosts = ["ok.example"]\nupstream = "127.0.0.1:9001"\n'
@@ -194,6 +206,12 @@ def test_bad_config_names_file_key_and_problem(tmp_path, text, key, words):
     message = str(info.value)
     assert message.startswith(f"{path}: {key}: "), message
     assert words in message
+
+
+def test_a_service_with_listeners_of_its_own_needs_no_hosts(tmp_path):
+    config = load(write(tmp_path, '[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["127.0.0.1:7001", "[::1]:7001"]\n'))
+    assert [str(a) for a in config.services["x"].listen] == ["127.0.0.1:7001", "[::1]:7001"]
+    assert config.services["x"].hosts == ()
 
 
 def test_service_with_command(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.routing import Router, prefix_matches
+from proxy.routing import PortRouter, Router, prefix_matches
 
 
 @pytest.fixture
@@ -88,3 +88,43 @@ def test_longest_prefix_wins_in_any_order():
 )
 def test_prefix_matches(prefix, path, ok):
     assert prefix_matches(prefix, path) == ok
+
+
+class _Member:
+    """A route as PortRouter sees it: its gate says whether the service is awake."""
+
+    def __init__(self, name: str, awake: bool | None) -> None:
+        self.name = name
+        self.service = None if awake is None else type("Gate", (), {"awake": awake})()
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+PORT_ROUTES = [
+    # members (name, awake: True, False, or None for always up), picks in a row
+    ([], [None, None]),
+    ([("a", False)], ["a", "a"]),
+    ([("a", True), ("b", True)], ["a", "b", "a", "b"]),
+    ([("a", False), ("b", True)], ["b", "b", "b"]),  # the awake replica; the sleeper stays asleep
+    ([("a", False), ("b", False)], ["a", "a", "a"]),  # none awake: one wake, of the first
+    ([("a", True), ("b", False), ("c", True)], ["a", "c", "a", "c"]),
+    ([("a", None), ("b", False)], ["a", "a"]),
+]
+
+
+@pytest.mark.parametrize("members,picks", PORT_ROUTES)
+def test_a_port_router_takes_awake_members_in_turn(members, picks):
+    router = PortRouter([_Member(name, awake) for name, awake in members])
+    got = [router.route(b"any.host", b"/") for _ in picks]
+    assert [m.name if m is not None else None for m in got] == picks
+    assert router.exact == {}  # every request misses the Host fast path and asks route()
+
+
+def test_a_port_router_sees_members_changed_in_place():
+    router = PortRouter([_Member("a", True)])
+    members = router.members
+    members[:] = [_Member("b", True)]
+    assert router.route(None, b"/").name == "b"
+    members.clear()
+    assert router.route(None, b"/") is None

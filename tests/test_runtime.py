@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from .conftest import ROOT, Client, free_port
-from .test_controller import admin, alive, get, service, state, wait_state
+from .test_controller import admin, alive, fetch, get, service, state, wait_state
 
 
 def variant(i: int, backend_port: int, napper_port: int) -> str:
@@ -194,3 +194,53 @@ def test_listeners_from_systemd_socket_activation(tmp_path, backend):
         log.close()
     text = (tmp_path / "activated.log").read_text()
     assert "handed over by systemd" in text and f"listening on 127.0.0.1:{proxy_port}" in text
+
+
+def _connect_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_service_has_listeners_of_its_own_across_reloads(start_wakegate, backend, workers):
+    """``listen``: every request on a service's own listener goes to it whatever the Host; a reload adds
+    and removes such listeners (every worker serves them: fresh connections land on either), a
+    listener that cannot be had keeps the running config, and nothing is left listening at exit."""
+    own, other, taken = free_port(), free_port(), socket.create_server(("127.0.0.1", 0))
+    napper = free_port()
+
+    def config(listen: list[int], extra: str = "") -> str:
+        ports = ", ".join(f'"127.0.0.1:{p}"' for p in listen)
+        return (f'[proxy]\nworkers = {workers}\n[services.steady]\nhosts = ["steady.test"]\n'
+                f'upstream = "127.0.0.1:{backend.port}"\nlisten = [{ports}]\n'
+                + service("napper", napper, sleep="stop", idle="200ms", extra=f'listen = ["127.0.0.1:{other}"]')
+                + extra)
+
+    w = start_wakegate(config([own]))
+    for _ in range(4):
+        response = fetch(own, "anything.example")
+        assert response.status == 200 and response.header(b"x-backend") == b"backend", response
+    assert fetch(w.port, "anything.example").status == 404  # the main listener still routes by Host
+    assert fetch(other, "whatever").header(b"x-backend") == b"napper"  # held, woken, answered
+    wait_state(w, "napper", "asleep")
+    # a second listener for steady; napper's goes
+    second = free_port()
+    w.rewrite(config([own, second]).replace(f'listen = ["127.0.0.1:{other}"]\n', ""))
+    status, body = admin(w, "POST", "/reload")
+    assert status == 200, body
+    for _ in range(4):
+        assert fetch(second, "x").header(b"x-backend") == b"backend"
+        assert fetch(own, "x").header(b"x-backend") == b"backend"
+    assert _connect_refused(other)
+    # an address in use elsewhere: the reload is refused and everything keeps working
+    w.rewrite(config([own, taken.getsockname()[1]]))
+    status, body = admin(w, "POST", "/reload")
+    assert status == 400 and "services.steady.listen: cannot listen on" in body["error"], body
+    assert fetch(own, "x").status == 200 and fetch(second, "x").status == 200
+    taken.close()
+    assert w.stop() == 0
+    for port in (own, second, other):
+        assert _connect_refused(port)

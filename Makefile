@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: docker run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean \
+.PHONY: kubernetes docker run test test-c test-python setup build system-deps test-deps vm-deps guest bench-parse bench clean \
 	fuzz-deps fuzz-build fuzz-quick fuzz criu wasm
 
 # Debian packages the build needs: venv, a compiler and the Python headers.
@@ -78,9 +78,15 @@ criu:
 docker:
 	@deploy/docker.sh >/dev/null
 
+# A Kubernetes control plane (etcd from Debian; kube-apiserver, -controller-manager and -scheduler built
+# from Debian's source package) for the Kubernetes node tests, cached in /var/cache/wakegate
+# (deploy/kubernetes.sh says why; a fresh machine takes 4-8 minutes, a warm one none).
+kubernetes:
+	@deploy/kubernetes.sh >/dev/null
+
 # The whole suite against the C extension, then against the pure-Python twin, after a bounded
 # fuzz run of the C entry points under AddressSanitizer.
-test: setup test-deps criu docker wasm guest fuzz-quick test-c test-python
+test: setup test-deps criu docker kubernetes wasm guest fuzz-quick test-c test-python
 
 # Fuzzing (tests/fuzz/http11_fuzz.py): the extension built with clang's ASan and libFuzzer
 # instrumentation into build/fuzz, driven by atheris with its ASan runtime preloaded. Every input is

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import random
 import shutil
 import signal
 import socket
@@ -15,6 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from controller.ports import free_port  # noqa: F401  (one port picker for wakegate, tests and benchmarks)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_CPU, LOAD_CPU = "0", "1"
@@ -37,25 +38,6 @@ def tool(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-PORT_RANGE = (20000, 32767)  # below Linux's default ephemeral range (32768-60999)
-
-
-def free_port() -> int:
-    """A free TCP port below the kernel's ephemeral range, so that no outgoing connection can take
-    it between now and the moment a server binds it (a bench run opens thousands)."""
-    low, high = PORT_RANGE
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_low = int(f.read().split()[0])
-    high = min(high, ephemeral_low - 1)
-    for _ in range(200):
-        port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

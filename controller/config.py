@@ -244,6 +244,152 @@ class DiscoverySettings:
     socket: str = DOCKER_SOCKET
 
 
+KUBE_TAINT = "wakegate.dev/scale-to-zero=true:NoSchedule"  # only pods that tolerate it land on a wakegate node
+KUBE_MAX_PODS = 110  # the kubelet's default maxPods
+KUBE_LEASE_DURATION = 40.0  # the kubelet's node lease: 40 s, the node lifecycle controller's grace period
+KUBE_RENEW_INTERVAL = 10.0  # the kubelet renews its lease every 10 s (a quarter of its duration)
+KUBE_STATUS_INTERVAL = 60.0  # node status written this often when nothing changed; the kubelet's is 5 min
+KUBE_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+_KUBE_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_KUBE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # a DNS subdomain
+_KUBE_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """[kubernetes]: this host is a Kubernetes node; the pods bound to it are wakegate services."""
+
+    enabled: bool = False
+    kubeconfig: str = ""  # a kubeconfig file; empty with in_cluster: the pod's service account
+    in_cluster: bool = False
+    node_name: str = ""
+    node_address: str = ""  # every pod's IP, and where their containerPorts are served
+    labels: tuple[tuple[str, str], ...] = ()
+    taint: tuple[str, str, str] | None = None  # (key, value, effect); None: no taint
+    capacity: tuple[tuple[str, str], ...] = ()  # pods, cpu, memory as Kubernetes quantities
+    lease_duration: float = KUBE_LEASE_DURATION
+    renew_interval: float = KUBE_RENEW_INTERVAL
+    status_interval: float = KUBE_STATUS_INTERVAL
+    docker_socket: str = DOCKER_SOCKET  # the Engine that runs pods' containers
+    container_network: str = "bridge"  # the Engine network pods' containers join; their ports are published
+    host_processes: bool = False  # pods may ask to run their command as a host process (annotation)
+    microvm_assets: tuple[str, ...] = ()  # folders pods' microVM kernels and initrds may come from
+
+
+def kube_label_problem(key: str, value: str) -> str | None:
+    """What is wrong with a Kubernetes label (or annotation-free label) key and value, or None."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _KUBE_NAME.match(prefix)):
+        return f"label key {key!r}: its prefix must be a DNS subdomain"
+    if not name or len(name) > 63 or not _KUBE_LABEL_NAME.match(name):
+        return f"label key {key!r}: the name must be 1-63 letters, digits, '-', '_' or '.', alphanumeric at both ends"
+    if len(value) > 63 or not _KUBE_LABEL_NAME.match(value):
+        return f"label {key}={value!r}: a value is at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends"
+    return None
+
+
+def _memory_total() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return f"{int(line.split()[1])}Ki"
+    except OSError:
+        pass
+    return "1Gi"
+
+
+def _kubernetes(k: _Reader, path: str) -> KubernetesSettings:
+    if not k.table:
+        return KubernetesSettings()
+    in_cluster = k.boolean("in_cluster", False)
+    kubeconfig = k.string("kubeconfig", "")
+    if bool(kubeconfig) == in_cluster:
+        raise k.error("kubeconfig", "name exactly one of kubeconfig (a file) or in_cluster = true (the pod's "
+                      "service account)")
+    if kubeconfig:
+        file = _beside(path, kubeconfig)
+        if not file.is_file():
+            raise k.error("kubeconfig", f"{str(file)!r} does not exist")
+        try:
+            from lightkube.config.kubeconfig import KubeConfig
+
+            usable = KubeConfig.from_file(str(file)).get()
+        except Exception as exc:  # yaml errors, missing contexts: lightkube raises several kinds
+            raise k.error("kubeconfig", f"{str(file)!r} is not a usable kubeconfig: {exc}") from None
+        if usable is None:
+            raise k.error("kubeconfig", f"{str(file)!r} is not a usable kubeconfig: it has no current-context")
+        kubeconfig = str(file)
+    import socket as _socket
+
+    node_name = k.string("node_name", _socket.gethostname().lower())
+    if len(node_name) > 253 or not _KUBE_NAME.match(node_name):
+        raise k.error("node_name", f"a node name is a DNS subdomain (lower-case letters, digits, '-' and '.'), got "
+                      f"{node_name!r}")
+    address = k.get("node_address")
+    if not isinstance(address, str) or not address:
+        raise k.error("node_address", "missing; the address pods get as their IP and their ports are served on, "
+                      "reachable from the cluster, like \"10.0.0.5\"")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise k.error("node_address", f"expected an IP address, got {address!r}") from None
+    if ip.is_loopback or ip.is_unspecified:
+        raise k.error("node_address", f"{address} cannot be a pod's IP: Kubernetes refuses loopback endpoints, "
+                      "and other nodes must reach it")
+    labels = k.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise k.error("labels", 'expected a table of strings, like { "wakegate.dev/pool" = "edge" }')
+    for key, value in labels.items():
+        problem = kube_label_problem(key, value)
+        if problem:
+            raise k.error("labels", problem)
+    taint_text = k.string("taint", KUBE_TAINT)
+    taint = None
+    if taint_text:
+        m = re.fullmatch(r"([^=:\s]+)(?:=([^:\s]*))?:(\w+)", taint_text)
+        if not m or m.group(3) not in KUBE_TAINT_EFFECTS or kube_label_problem(m.group(1), m.group(2) or ""):
+            raise k.error("taint", f'expected "key=value:Effect" with Effect one of {", ".join(KUBE_TAINT_EFFECTS)}, '
+                          f'or "" for none; got {taint_text!r}')
+        taint = (m.group(1), m.group(2) or "", m.group(3))
+    c = k.sub("capacity")
+    capacity = {"pods": str(c.integer("pods", KUBE_MAX_PODS, 1, 100_000)),
+                "cpu": c.string("cpu", str(len(os.sched_getaffinity(0)))),
+                "memory": c.string("memory", _memory_total())}
+    for key in ("cpu", "memory"):
+        if not _KUBE_QUANTITY.match(capacity[key]):
+            raise c.error(key, f'expected a Kubernetes quantity like "2", "500m", "8Gi", got {capacity[key]!r}')
+    c.finish()
+    lease = k.duration("lease_duration", KUBE_LEASE_DURATION)
+    renew = k.duration("renew_interval", KUBE_RENEW_INTERVAL)
+    if renew >= lease:
+        raise k.error("renew_interval", f"must be shorter than lease_duration ({lease:g}s), or the lease lapses "
+                      "between renewals")
+    socket_path = k.string("docker_socket", DOCKER_SOCKET)
+    if not socket_path.startswith("/"):
+        raise k.error("docker_socket", f"expected the absolute path of the Engine's Unix socket, got {socket_path!r}")
+    network = k.string("container_network", "bridge")
+    if network in ("host", "none", ""):
+        raise k.error("container_network", f"pods' containers need a network of their own to publish their port "
+                      f"from (the node's address serves it), not {network!r}")
+    assets = []
+    for folder in k.strings("microvm_assets"):
+        folder_path = _beside(path, folder)
+        if not folder_path.is_dir():
+            raise k.error("microvm_assets", f"{str(folder_path)!r} is not a folder")
+        assets.append(str(folder_path.resolve()))
+    status_interval = k.duration("status_interval", KUBE_STATUS_INTERVAL)
+    host_processes = k.boolean("host_processes", False)
+    k.finish()
+    return KubernetesSettings(
+        enabled=True, kubeconfig=kubeconfig, in_cluster=in_cluster, node_name=node_name, node_address=str(ip),
+        labels=tuple(sorted(labels.items())), taint=taint, capacity=tuple(capacity.items()),
+        lease_duration=lease, renew_interval=renew,
+        status_interval=status_interval, docker_socket=socket_path, container_network=network,
+        host_processes=host_processes, microvm_assets=tuple(assets),
+    )
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """[tls]: an HTTPS listener beside the proxy's plain one, and its certificates."""
@@ -262,6 +408,7 @@ class Config:
     metrics: MetricsSettings = MetricsSettings()
     discovery: DiscoverySettings = DiscoverySettings()
     tls: TLSSettings = TLSSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
@@ -889,15 +1036,16 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     if not discovery.socket.startswith("/"):
         raise d.error("socket", f"expected the absolute path of the Engine's Unix socket, got {discovery.socket!r}")
     d.finish()
+    kubernetes = _kubernetes(top.sub("kubernetes"), path)
     top.finish()
 
     if proxy.default_service and proxy.default_service not in services:
         raise p.error("default_service", f"names no service; known: {', '.join(sorted(services)) or 'none'}")
-    if not services and not discovery.enabled:
+    if not services and not discovery.enabled and not kubernetes.enabled:
         raise top.error("services", "no services configured; add a [services.NAME] table (or discover containers: "
-                        "[docker] discover = true)")
+                        "[docker] discover = true, or run pods: [kubernetes])")
     return Config(path=path, proxy=proxy, admin=admin, services=services, log=log_settings, metrics=metrics_settings,
-                  discovery=discovery, tls=tls)
+                  discovery=discovery, tls=tls, kubernetes=kubernetes)
 
 
 def _service(r: _Reader, name: str, path: str, hosts_optional: bool = False) -> ServiceConfig:
@@ -975,3 +1123,11 @@ def service_from_labels(container: str, labels: dict[str, str], socket: str) -> 
         except ValueError:
             raise ConfigError(f"{where}: label {LABEL_PREFIX}port: expected a port number, got {port!r}") from None
     return _service(_Reader(where, table, "label wakegate"), name, where)
+
+
+def service_from_table(where: str, name: str, table: dict) -> ServiceConfig:
+    """A service table built by code (a Kubernetes pod, controller/kube/pods.py), validated as one in
+    the file would be; errors start with where, and relative paths are not expected."""
+    if not _NAME.match(name):
+        raise ConfigError(f"{where}: service name {name!r}: letters, digits, '-', '_' and '.', at most 63")
+    return _service(_Reader(where, table, ""), name, where, hosts_optional=True)

@@ -76,6 +76,10 @@ class Controller:
         self.by_slot: dict[int, Service] = {}  # every service with a slot, retiring ones too
         self.released: list[int] = []  # slots of services gone, free once every process has new routes
         self._retiring: set[asyncio.Task] = set()
+        self.retiring: dict[str, asyncio.Task] = {}  # name -> the drain and stop of a service that went
+        # Who hears of every service's state changes: callables (service, old, new), called by its
+        # supervisor (the Kubernetes agent turns them into pod status). They must not block or raise.
+        self.observers: list = []
         for name, svc in config.services.items():
             self._add(svc)
 
@@ -94,7 +98,7 @@ class Controller:
         backend = make_backend(svc, self.instance)
         service = Service(svc.name, backend, idle_timeout=svc.idle_timeout if backend is not None else None,
                           wake_timeout=svc.wake_timeout, max_queue=svc.max_queue, board=self.board, slot=slot,
-                          local_worker=None)
+                          local_worker=None, on_state=self._observe)
         pool = FleetPool(svc.upstream.host, svc.upstream.port, self, slot)
         service.pools = [pool]
         if backend is not None:
@@ -105,6 +109,10 @@ class Controller:
         self.configs[svc.name] = svc
         self.by_slot[slot] = service
         return service
+
+    def _observe(self, service: Service, old, new) -> None:
+        for observer in list(self.observers):
+            observer(service, old, new)
 
     # ---- what FleetPool and the services call: passed on to the proxy processes ----
 
@@ -172,7 +180,15 @@ class Controller:
         task = asyncio.get_running_loop().create_task(self._drain_and_close(service, why), name=f"retire-{name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        self.retiring[name] = task
+        task.add_done_callback(lambda t: self.retiring.get(name) is t and self.retiring.pop(name))
         return task
+
+    async def gone(self, name: str) -> None:
+        """Wait until a service removed by the last reconcile has drained and its backend stopped."""
+        task = self.retiring.get(name)
+        if task is not None:
+            await asyncio.shield(task)
 
     async def _drain_and_close(self, service: Service, why: str) -> None:
         deadline = time.monotonic() + self.config.proxy.drain_timeout

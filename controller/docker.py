@@ -91,11 +91,11 @@ class DockerEngine:
         return self._session
 
     async def call(self, method: str, path: str, *, params: dict | None = None, timeout: float | None = None,
-                   ok: tuple[int, ...] = (200, 201, 204, 304)):
-        """One Engine API call; its JSON answer (None when empty), or EngineError."""
+                   ok: tuple[int, ...] = (200, 201, 204, 304), body: dict | None = None):
+        """One Engine API call (body: a JSON request body); its JSON answer (None when empty), or EngineError."""
         limit = timeout if timeout is not None else self.timeout
         try:
-            async with self._client().request(method, f"http://docker{API}{path}", params=params,
+            async with self._client().request(method, f"http://docker{API}{path}", params=params, json=body,
                                               timeout=aiohttp.ClientTimeout(total=limit)) as resp:
                 body = await resp.read()
                 status = resp.status

@@ -57,6 +57,7 @@ class Runtime:
         self.routes: dict[str, _Merged] = {}  # the exposition's view: merged per scrape
         self.proxy_stats = ProxyStats()
         self.discovery = None
+        self.kube = None  # controller/kube: this host as a Kubernetes node, its pods as services
         self.reloads = 0
         self.listeners: dict[str, object] = {}  # services' own listening sockets, by address
         self._reloading = asyncio.Lock()
@@ -154,11 +155,17 @@ class Runtime:
 
             self.discovery = Discovery(LiveServices(self), config.discovery.socket)
             await self.discovery.start()
+        from . import __version__
+
+        if config.kubernetes.enabled:
+            from .kube.agent import KubeNode
+
+            self.kube = KubeNode(self, config.kubernetes, __version__)
+            await self.kube.start()
         # Everything built so far (config, services) lives as long as the process: keep it out of the
         # garbage collector's full passes, which otherwise walk ~20 objects per configured service.
         gc.collect()
         gc.freeze()
-        from . import __version__
         from .cli import _implementation
 
         log.info("wakegate %s listening on %s (admin %s), %d services, %d proxy %s, parser: %s", __version__,
@@ -170,6 +177,8 @@ class Runtime:
 
     async def _shutdown(self) -> int:
         grace = self.config.proxy.drain_timeout
+        if self.kube is not None:
+            await self.kube.stop_serving()  # the node NotReady, its pods not ready: clients move away first
         log.info("draining: no new connections; in-flight requests get %.1fs", grace)
         cut = await self.fleet.drain(grace)
         if cut:
@@ -178,6 +187,8 @@ class Runtime:
             self.listeners.pop(key).close()
         if self.discovery is not None:
             await self.discovery.close()
+        if self.kube is not None:
+            await self.kube.close()
         await self.controller.close()  # stops every backend process: nothing is left behind
         await self.admin.close()
         if self.shared is not None:
@@ -254,10 +265,19 @@ class Runtime:
                 return {"ok": False, "error": str(exc)}
             return await self._apply(new, "reload")
 
-    async def rediscover(self) -> dict:
-        """Discovery's services changed: apply them with the config file's."""
+    async def rediscover(self, why: str = "discovery") -> dict:
+        """Discovered services (Docker labels, Kubernetes pods) changed: apply them with the config file's."""
         async with self._reloading:
-            return await self._apply(self.file_config, "discovery")
+            return await self._apply(self.file_config, why)
+
+    def routed(self) -> dict[tuple[str, str], str]:
+        """(host, path prefix) -> the running service that claims it."""
+        claims = {}
+        for svc in self.config.services.values():
+            for host in svc.hosts:
+                for prefix in svc.paths or ("",):
+                    claims[(host, prefix)] = svc.name
+        return claims
 
     async def forget(self, name: str) -> None:
         """A discovered service whose containers are gone: let go of it without stopping anything."""
@@ -284,6 +304,9 @@ class Runtime:
             kept.append("admin")
         if new.log.access != old.log.access:
             kept.append("log.access")
+        if new.kubernetes != old.kubernetes:
+            kept.append("kubernetes")
+            new = dataclasses.replace(new, kubernetes=old.kubernetes)
         if kept:
             log.warning("%s: %s changed; that takes a restart (keeping the running values)", why, ", ".join(kept))
             new = dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen,
@@ -292,6 +315,9 @@ class Runtime:
         if self.discovery is not None:
             discovered = {n: s for n, s in self.discovery.live.discovered.items() if n not in new.services}
             new = dataclasses.replace(new, services={**discovered, **new.services})
+        if self.kube is not None:
+            pods = {n: s for n, s in self.kube.services.items() if n not in new.services}
+            new = dataclasses.replace(new, services={**pods, **new.services})
         problem = self.open_listeners(new)
         if problem:
             log.error("%s: %s; keeping the running config", why, problem)

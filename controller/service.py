@@ -151,6 +151,7 @@ class Service:
         self.wakes = 0
         self.sleeps = 0
         self.failures = 0
+        self.last_failure = ""  # why the last wake failed (what held requests were told)
         self.last_wake_seconds: float | None = None
         self.wake_results: dict[str, int] = {}  # ok, failed, timeout, error
         self.sleep_reasons: dict[str, int] = {}  # idle, admin, exited
@@ -422,6 +423,7 @@ class Service:
         self.failures_in_a_row += 1
         backoff = min(FAILED_BACKOFF_MIN * 2 ** (self.failures_in_a_row - 1), FAILED_BACKOFF_MAX)
         self.failed_until = time.monotonic() + backoff
+        self.last_failure = reason
         self._set("fail")
         self._answer(Refused(status, reason, backoff))
 

@@ -180,6 +180,29 @@ BAD = [
      "services.x.upstream", "no upstream"),
     ('[services.x]\nhosts = ["x.example"]\ncommand = ["sh"]\n[services.x.wasm]\n'
      'module = "/bin/sh"\n', "services.x.wasm", "also has 'command'"),
+] + [  # [kubernetes]
+    ('[kubernetes]\nnode_address = "10.0.0.5"\n', "kubernetes.kubeconfig", "exactly one of kubeconfig"),
+    ('[kubernetes]\nkubeconfig = "/no/kubeconfig"\nnode_address = "10.0.0.5"\n', "kubernetes.kubeconfig",
+     "does not exist"),
+    ('[kubernetes]\nkubeconfig = "/etc/hostname"\nnode_address = "10.0.0.5"\n', "kubernetes.kubeconfig",
+     "not a usable kubeconfig"),
+    ('[kubernetes]\nin_cluster = true\n', "kubernetes.node_address", "missing"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "127.0.0.1"\n', "kubernetes.node_address", "loopback"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "node-a"\n', "kubernetes.node_address", "IP address"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\nnode_name = "Node_A"\n', "kubernetes.node_name",
+     "DNS subdomain"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\ntaint = "a=b"\n', "kubernetes.taint", "Effect"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\nlabels = { "a b" = "c" }\n', "kubernetes.labels",
+     "label key"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\n[kubernetes.capacity]\nmemory = "lots"\n',
+     "kubernetes.capacity.memory", "quantity"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\nrenew_interval = "1m"\n',
+     "kubernetes.renew_interval", "shorter than lease_duration"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\ncontainer_network = "host"\n',
+     "kubernetes.container_network", "network of their own"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\nmicrovm_assets = ["/no/such"]\n',
+     "kubernetes.microvm_assets", "not a folder"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\nnodes = 2\n', "kubernetes.nodes", "unknown key"),
 ] + [  # a service's own listeners
     ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["nowhere"]\n', "services.x.listen", "host:port"),
     ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["127.0.0.1:0"]\n', "services.x.listen", "with a port"),
@@ -206,6 +229,23 @@ def test_bad_config_names_file_key_and_problem(tmp_path, text, key, words):
     message = str(info.value)
     assert message.startswith(f"{path}: {key}: "), message
     assert words in message
+
+
+def test_kubernetes_settings(tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]\n"
+                          "users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n"
+                          "current-context: x\n")
+    config = load(write(tmp_path, f'[kubernetes]\nkubeconfig = "kubeconfig"\nnode_name = "edge-1"\n'
+                                  f'node_address = "10.0.0.5"\nlabels = {{ "wakegate.dev/pool" = "edge" }}\n'
+                                  f'[kubernetes.capacity]\ncpu = "500m"\n'))
+    k = config.kubernetes
+    assert k.enabled and k.kubeconfig == str(kubeconfig) and (k.node_name, k.node_address) == ("edge-1", "10.0.0.5")
+    assert k.taint == ("wakegate.dev/scale-to-zero", "true", "NoSchedule") and k.labels == (("wakegate.dev/pool", "edge"),)
+    assert dict(k.capacity)["cpu"] == "500m" and dict(k.capacity)["pods"] == "110"
+    assert not config.services  # pods are its services
+    assert load(write(tmp_path, '[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\ntaint = ""\n')
+                ).kubernetes.taint is None
 
 
 def test_a_service_with_listeners_of_its_own_needs_no_hosts(tmp_path):

@@ -410,7 +410,7 @@ def parse_section(tiny: bool) -> dict:
             "c_vs": {name: value / c for name, value in medians.items() if c and name != "c"}}
 
 
-SCENARIOS = ("steady", "wake", "cores", "wasm", "tls", "burst", "scale", "parse", "hostile")
+SCENARIOS = ("steady", "wake", "cores", "wasm", "tls", "k8s", "burst", "scale", "parse", "hostile")
 
 
 def run(args) -> dict:
@@ -458,6 +458,10 @@ def run(args) -> dict:
             from .tlsbench import tls
 
             section = tls(args)
+        elif name == "k8s":
+            from .k8s import k8s
+
+            section = k8s(args)
         elif name == "burst":
             from . import wake
 
@@ -508,6 +512,10 @@ def report(results: dict) -> str:
             from .tlsbench import markdown as tls_markdown
 
             parts.append(tls_markdown(section))
+        elif name == "k8s":
+            from .k8s import markdown as k8s_markdown
+
+            parts.append(k8s_markdown(section))
         elif name == "parse":
             lines = ["| parser | median µs per head | vs C |", "| --- | --- | --- |"]
             for parser, value in sorted(section["median_seconds"].items(), key=lambda kv: kv[1]):

@@ -61,6 +61,7 @@ class ControlPlane:
         self.procs: list[subprocess.Popen] = []
         self.logs = []
         self.node_tokens = {f"node-{i}": "wakegate-node-%d-%032x" % (i, random.getrandbits(128)) for i in range(4)}
+        self.nobody_token = "wakegate-nobody-%032x" % random.getrandbits(128)
         try:
             self._certificates()
             self.port = free_port()
@@ -98,6 +99,7 @@ class ControlPlane:
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
         lines = [f'{ADMIN_TOKEN},admin,admin,"system:masters"']
         lines += [f'{token},wakegate-{name},wakegate-{name},"{NODE_GROUP}"' for name, token in self.node_tokens.items()]
+        lines.append(f"{self.nobody_token},nobody,nobody")  # authenticated, and allowed nothing
         (d / "tokens.csv").write_text("\n".join(lines) + "\n")
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -297,3 +299,82 @@ class NetNamespace:
             self._executor = None
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)  # its peer goes with it
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+# ---- what tests and benchmarks put in the cluster, and how they read it back ---------------
+
+BACKEND = ROOT / "examples" / "backend.py"
+TAINT_TOLERATION = [{"key": "wakegate.dev/scale-to-zero", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def wait_for(what, check, timeout: float = 30.0, every: float = 0.05):
+    """check()'s first true value, asked every `every` seconds; AssertionError after timeout naming
+    what was awaited (what: text, or a callable that describes the state then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+        time.sleep(every)
+
+
+def process_container(name: str = "app", port: int = 8080) -> dict:
+    """examples/backend.py as a pod's container, run as a host process (wakegate.dev/run: process):
+    it listens on $PORT and names itself after its pod."""
+    import sys
+
+    return {"name": name, "image": "wakegate.dev/host-process", "ports": [{"containerPort": port}],
+            "command": [sys.executable, str(BACKEND)], "args": ["--port", "$(PORT)", "--name", "$(POD_NAME)"],
+            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+            "readinessProbe": {"httpGet": {"path": "/hello", "port": port}}}
+
+
+def deployment(name: str, replicas: int, node_label: tuple[str, str], annotations: dict, tolerations=(),
+               **spec) -> dict:
+    """A Deployment of process_container() pods that tolerate the wakegate taint and land on the
+    nodes with node_label."""
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}, "annotations": annotations},
+                                  "spec": {"nodeSelector": dict([node_label]),
+                                           "tolerations": TAINT_TOLERATION + list(tolerations),
+                                           "containers": [process_container()], **spec}}}}
+
+
+def service_manifest(name: str, port: int = 8080) -> dict:
+    """A Service selecting app=name: its Endpoints list the ready pods' addresses."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": port}]}}
+
+
+def create(client, manifest: dict):
+    from lightkube import codecs
+
+    return client.create(codecs.from_dict(manifest))
+
+
+def endpoints(client, name: str) -> list[str]:
+    """The ready addresses in a Service's Endpoints (none when it has none yet)."""
+    from lightkube import ApiError
+    from lightkube.resources.core_v1 import Endpoints
+
+    try:
+        ep = client.get(Endpoints, name, namespace="default")
+    except ApiError:
+        return []
+    return [a.ip for subset in ep.subsets or [] for a in subset.addresses or []]
+
+
+def node_config(cluster: ControlPlane, index: int, name: str, address: str, group: str, extra: str = "") -> str:
+    """The [kubernetes] table of a test or benchmark node (the node token's rights only), labelled
+    wakegate.dev/test=group so that a Deployment can pick a test's nodes."""
+    return f"""[kubernetes]
+kubeconfig = "{cluster.node_kubeconfig(index)}"
+node_name = "{name}"
+node_address = "{address}"
+labels = {{ "wakegate.dev/test" = "{group}" }}
+host_processes = true
+{extra}
+"""

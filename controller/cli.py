@@ -157,15 +157,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         config = _load_or_exit(args.config)
+        audits = []  # (what found lines start with, the audit) of what lives outside the file
         if config.discovery.enabled:
             from .discovery import audit
 
-            found, problems = asyncio.run(audit(config))
+            audits.append(("discovered ", audit(config)))
+        if config.kubernetes.enabled:
+            from .kube.node import audit as kube_audit
+
+            audits.append(("", kube_audit(config.kubernetes)))
+        for prefix, audit_run in audits:
+            found, problems = asyncio.run(audit_run)
             for line in found:
-                print(f"{args.config}: discovered {line}")
+                print(f"{args.config}: {prefix}{line}")
             for line in problems:
                 print(f"wakegate: {args.config}: {line}", file=sys.stderr)
             if problems:
+                for _, later in audits:
+                    later.close()  # the coroutines not run
                 return EXIT_CONFIG
         print(
             f"{args.config}: ok, {len(config.services)} services, listen {config.proxy.listen}, "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build a real Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler)
-# from Debian's source package and cache it outside the repository; etcd comes from Debian as is.
+# Build a real Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler),
+# and a kubelet with the pod sandbox's pause program, from Debian's source package and cache them
+# outside the repository; etcd comes from Debian as is.
 #
 # No registry these machines reach ships Kubernetes binaries, but bookworm's `kubernetes` source
 # package is the whole 1.20.2 tree with its vendor/ folder, which builds offline with Debian's Go.
@@ -16,7 +17,7 @@ set -euo pipefail
 cache=${WAKEGATE_CACHE:-/var/cache/wakegate}
 version=1.20.5+really1.20.2-1.1+deb12u1
 out="$cache/kubernetes-1.20.2"
-binaries="kube-apiserver kube-controller-manager kube-scheduler"
+binaries="kube-apiserver kube-controller-manager kube-scheduler kubelet pause"
 runtime_deps="etcd-server etcd-client openssl iproute2"
 
 apt_install() {
@@ -36,7 +37,7 @@ if complete; then echo "$out"; exit 0; fi
 
 [ "$(id -u)" = 0 ] || { echo "deploy/kubernetes.sh: building Kubernetes needs root (apt-get)" >&2; exit 1; }
 echo "deploy/kubernetes.sh: building Kubernetes 1.20.2 from Debian's source into $out (4-8 min)" >&2
-apt_install golang-go rsync make $runtime_deps
+apt_install golang-go rsync make gcc libc6-dev $runtime_deps
 go_bin=$(ls -d /usr/lib/go-1.*/bin 2>/dev/null | sort -V | tail -n1)
 [ -n "$go_bin" ] || { echo "deploy/kubernetes.sh: no Go in /usr/lib/go-1.*" >&2; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/wakegate-k8s.XXXXXX")
@@ -66,8 +67,12 @@ rm -f "$vendored"/*.go "$vendored"/*.s
 cp "$fixed"/*.go "$fixed"/*.s "$vendored"/ 2>/dev/null || cp "$fixed"/*.go "$vendored"/
 rm -f "$vendored"/*_test.go
 (cd "$src" && PATH="$go_bin:$PATH" CGO_ENABLED=0 GOFLAGS=-mod=vendor \
-   make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler" >"$work/build.log" 2>&1) \
+   make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet" >"$work/build.log" 2>&1) \
   || { tail -n 40 "$work/build.log" >&2; exit 1; }
+# The pod sandbox's process (the "pause" container's), from the same tree: a kubelet beside the
+# wakegate nodes runs its pods in real containers for the benchmark's Kubernetes path.
+gcc -Os -static -DVERSION=v3.4-wakegate -o "$src/_output/bin/pause" "$src/build/pause/linux/pause.c" \
+  || { echo "deploy/kubernetes.sh: cannot build pause" >&2; exit 1; }
 mkdir -p "$out.tmp"
 for b in $binaries; do install -m 0755 "$src/_output/bin/$b" "$out.tmp/$b"; done
 rm -rf "$out" && mv "$out.tmp" "$out"

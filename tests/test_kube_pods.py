@@ -134,3 +134,19 @@ def test_long_names_are_cut_with_a_piece_of_the_uid():
                                                      "a-pod-name-that-goes-on-and-on-and-on", "uid-2")
     assert service_name("ns", "pod", "uid") == "ns.pod"
     assert docker_container_name("n", "ns", "p", "abcdef0123") == "wakegate_n_ns_p_abcdef01"
+
+
+def test_the_example_deployment_runs_on_a_wakegate_node():
+    """deploy/kubernetes/example-deployment.yaml's pods are what a wakegate node runs as documented."""
+    from pathlib import Path
+
+    import yaml
+
+    docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "deploy/kubernetes/example-deployment.yaml").read_text()))
+    template = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]
+    raw = {"metadata": {**template["metadata"], "name": "hello-1", "namespace": "default", "uid": "u1"},
+           "spec": {**template["spec"], "nodeName": "node-a"}}
+    plan = plan_pod(raw, SETTINGS, upstream_port=20007, base_dir="/srv")
+    assert (plan.kind, plan.port, plan.service.sleep, plan.service.idle_timeout) == ("container", 8080, "pause", 300)
+    assert plan.service.no_wake.paths == ("/healthz",) and plan.service.ready_path == "/ready"
+    assert {"key": "wakegate.dev/scale-to-zero", "operator": "Exists", "effect": "NoSchedule"} in template["spec"]["tolerations"]

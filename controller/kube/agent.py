@@ -29,6 +29,8 @@ WATCH_TIMEOUT = 300  # seconds a watch request lasts before it is made again (th
 STATUS_RETRY = 1.0  # a status write that failed is tried again after this
 API_TIMEOUT = 10.0  # any other API call
 EXIT_CODE_UNKNOWN = 255
+# Reasons that go away when another pod does (its port, its hosts): such pods are tried again then.
+CLAIM_REASONS = ("PortConflict", "PortInUse", "HostConflict", "NameConflict")
 
 
 def make_client(settings):
@@ -54,6 +56,7 @@ class Pod:
         self.plan: PodPlan | None = None
         self.report: PodReport | None = None
         self.fingerprint = None  # what the plan was made from
+        self.raw: dict | None = None  # the pod as last seen
         self.upstream_port = 0
         self.events: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
@@ -213,14 +216,14 @@ class KubeNode:
     async def _seen(self, pod: Pod, raw: dict) -> None:
         """A pod added or changed: set it up the first time, again when what it runs changed."""
         spec, meta = raw.get("spec") or {}, raw["metadata"]
+        pod.raw = raw
         fingerprint = (repr(spec.get("containers")), repr(sorted((meta.get("annotations") or {}).items())))
         if fingerprint == pod.fingerprint:
             if pod.report is not None and not matches(raw.get("status") or {}, pod.report):
                 self._mark(pod)  # someone else wrote its status (the node lifecycle controller): ours again
             return
-        first = pod.fingerprint is None
         pod.fingerprint = fingerprint
-        if first:
+        if pod.report is None:
             pod.report = self._report_from(raw)
         try:
             async with self._planning:
@@ -264,8 +267,8 @@ class KubeNode:
         if name in self.runtime.file_config.services:
             raise CannotRun("NameConflict", f"service {name!r} exists in wakegate's config file")
         for other in self.pods.values():
-            if other is pod or other.plan is None:
-                continue
+            if other is pod or other.plan is None or other.deleting:
+                continue  # a pod being deleted no longer takes requests: its port is free for others
             if other.plan.port == plan.port and other.plan.replicas != plan.replicas:
                 raise CannotRun("PortConflict", f"containerPort {plan.port} is served on this node's address for "
                                 f"{other}, which is not a replica of this pod (pods on a wakegate node share the "
@@ -356,6 +359,11 @@ class KubeNode:
                     log.warning("%s: confirming its deletion: %s", pod, describe_error(exc))
         log.info("%s: %s", pod, "deleted" if confirm else "gone")
         pod.gone = True
+        for other in self.pods.values():  # what it claimed is free: pods that waited for it try again
+            if other.report is not None and other.report.waiting and other.report.waiting[0] in CLAIM_REASONS \
+                    and other.raw is not None and not other.deleting:
+                other.fingerprint = None
+                other.events.put_nowait(("seen", other.raw))
 
     # ---- what the services do, as pod status ----
 

@@ -222,3 +222,68 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ApiError) and exc.status.message:
         return f"{exc.status.code} {exc.status.message}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# What a node does in the API, as deploy/kubernetes/rbac.yaml grants it: (verb, resource, subresource,
+# API group, namespace). `wakegate check` asks the API server about each one for these credentials.
+NEEDED = (
+    ("get", "nodes", "", "", ""), ("create", "nodes", "", "", ""), ("patch", "nodes", "", "", ""),
+    ("patch", "nodes", "status", "", ""),
+    ("list", "pods", "", "", ""), ("watch", "pods", "", "", ""), ("delete", "pods", "", "", ""),
+    ("patch", "pods", "status", "", ""),
+    ("create", "leases", "", "coordination.k8s.io", LEASE_NAMESPACE),
+    ("patch", "leases", "", "coordination.k8s.io", LEASE_NAMESPACE),
+)
+AUDIT_TIMEOUT = 10.0  # `wakegate check` gives the API server this long
+
+
+async def audit(settings) -> tuple[list[str], list[str]]:
+    """``wakegate check`` with [kubernetes]: (found, problems), one line each. Reaches the API
+    server with the configured credentials and asks it (SelfSubjectAccessReview) whether they may do
+    each thing a node does."""
+    from lightkube import ApiError
+    from lightkube.resources.authorization_v1 import SelfSubjectAccessReview
+    from lightkube.resources.core_v1 import Node
+
+    from .agent import make_client
+
+    found, problems = [], []
+    try:
+        client = make_client(settings)
+    except Exception as exc:  # a service account that is not there, a kubeconfig lightkube refuses
+        return found, [f"kubernetes: {describe_error(exc)}"]
+    server = client.config.cluster.server
+    try:
+        async def ask() -> None:
+            missing = []
+            for verb, resource, sub, group, namespace in NEEDED:
+                review = SelfSubjectAccessReview.from_dict({
+                    "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                    "spec": {"resourceAttributes": {"verb": verb, "resource": resource, "subresource": sub,
+                                                    "group": group, "namespace": namespace}}})
+                answer = await client.create(review)
+                if not answer.status.allowed:
+                    missing.append(f"{verb} {resource}{'/' + sub if sub else ''}"
+                                   f"{' in ' + namespace if namespace else ''}")
+            if missing:
+                problems.append(f"kubernetes: the credentials may not {', '.join(missing)}: apply "
+                                "deploy/kubernetes/rbac.yaml and put them in the group wakegate:nodes")
+            found.append(f"kubernetes: API server {server} answers; the credentials may do what a node does"
+                         if not missing else f"kubernetes: API server {server} answers")
+            try:
+                await client.get(Node, settings.node_name)
+                found.append(f"kubernetes: node {settings.node_name} exists (wakegate takes it over)")
+            except ApiError as exc:
+                if exc.status.code == 404:
+                    found.append(f"kubernetes: node {settings.node_name} is not registered yet")
+                elif exc.status.code != 403:
+                    raise
+
+        await asyncio.wait_for(ask(), AUDIT_TIMEOUT)
+    except asyncio.TimeoutError:
+        problems.append(f"kubernetes: the API server at {server} did not answer within {AUDIT_TIMEOUT:g}s")
+    except Exception as exc:
+        problems.append(f"kubernetes: cannot use the API server at {server}: {describe_error(exc)}")
+    finally:
+        await client.close()
+    return found, problems

@@ -78,9 +78,9 @@ criu:
 docker:
 	@deploy/docker.sh >/dev/null
 
-# A Kubernetes control plane (etcd from Debian; kube-apiserver, -controller-manager and -scheduler built
-# from Debian's source package) for the Kubernetes node tests, cached in /var/cache/wakegate
-# (deploy/kubernetes.sh says why; a fresh machine takes 4-8 minutes, a warm one none).
+# A Kubernetes control plane (etcd from Debian; kube-apiserver, -controller-manager, -scheduler, and a
+# kubelet for bench k8s, built from Debian's source package) for the Kubernetes node tests, cached in
+# /var/cache/wakegate (deploy/kubernetes.sh says why; a fresh machine takes 4-8 minutes, a warm one none).
 kubernetes:
 	@deploy/kubernetes.sh >/dev/null
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import socket
 import shutil
 import signal
@@ -43,6 +44,7 @@ class PrivateEngine:
         self.socket = self.root / "docker.sock"
         # The containers' cgroups go under a parent of our own (not the host's "docker"), removed in close().
         self.cgroup_parent = f"wakegate-test-{self.root.name}"
+        self.networks: list[str] = []  # bridge networks made by bridge_network(), removed in close()
         self.log = open(self.root / "dockerd.log", "wb")
         self.proc = subprocess.Popen(
             [DOCKERD, "-H", f"unix://{self.socket}", "--data-root", str(self.root / "data"),
@@ -101,8 +103,19 @@ class PrivateEngine:
         if ids:
             self.run("rm", "-f", *[i.decode() for i in ids])
 
+    def bridge_network(self, name: str) -> str:
+        """A bridge network of this Engine's on a /24 no interface of the host has (a bridge left by an
+        Engine that died would take the traffic of a new one on the same subnet); its name."""
+        used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+        subnet = next(n for n in random.sample(range(16, 255), 239) if f"172.31.{n}." not in used)
+        self.run("network", "create", "--driver", "bridge", "--subnet", f"172.31.{subnet}.0/24", name)
+        self.networks.append(name)
+        return name
+
     def close(self) -> None:
         self.remove_all()
+        for network in self.networks:  # before dockerd goes: it leaves a bridge's interface behind otherwise
+            self.run("network", "rm", network, check=False)
         self.proc.terminate()
         try:
             self.proc.wait(20)

@@ -23,7 +23,7 @@ from pathlib import Path
 from .common import ROOT, free_port
 
 ETCD = shutil.which("etcd")
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "pause")
 ADMIN_TOKEN = "wakegate-admin-" + "%032x" % random.getrandbits(128)
 NODE_GROUP = "wakegate:nodes"  # the group of the node tokens; RBAC binds deploy/kubernetes/rbac.yaml to it
 START_TIMEOUT = 60.0  # etcd ~1 s, the apiserver ~3.5 s here; slow under load
@@ -32,7 +32,7 @@ SERVICE_RANGE = "10.96.0.0/16"
 
 def binaries() -> Path | None:
     """The folder with the control plane's binaries (deploy/kubernetes.sh's cache), or None."""
-    cache = Path(os.environ.get("WAKEGATE_CACHE", "/var/cache/wakegate")) / "kubernetes-1.20.2"
+    cache = Path(os.environ.get("WAKEGATE_CACHE", "/var/cache/wakegate")) / "kubernetes-1.20.2-1"
     return cache if all((cache / b).is_file() for b in BINARIES) else None
 
 
@@ -238,6 +238,70 @@ current-context: test
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+# ---- a real kubelet, for the Kubernetes way of scaling from zero ---------------------------
+
+PAUSE_IMAGE = "wakegate-test/pause:3.4"  # the pod sandbox, from the kubelet's own tree (deploy/kubernetes.sh)
+KUBELET_LOG_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"))  # the 1.20 dockershim writes there
+KUBELET_FIXED_DIR = Path("/var/lib/kubelet")  # its device plugins' socket folder is not configurable
+
+
+class Kubelet:
+    """A kubelet (built by deploy/kubernetes.sh, dockershim) beside the wakegate nodes: its pods run in
+    containers of a private Docker Engine (bench/engine.py) on the host's network, so their IP is the
+    node's address. It shows what a pod costs the usual way: sandbox, container start, readiness
+    probes at the kubelet's period. No QoS cgroups, no iptables rules, no evictions."""
+
+    def __init__(self, cluster: ControlPlane, engine, name: str, address: str, labels: dict) -> None:
+        self.name = name
+        self.engine = engine
+        self.root = Path(tempfile.mkdtemp(prefix="wgkl-", dir="/tmp"))
+        self.logs_before = {d: set(os.listdir(d)) if d.is_dir() else set() for d in KUBELET_LOG_DIRS}
+        self.made_fixed_dir = not KUBELET_FIXED_DIR.exists()
+        rootfs = self.root / "pause-rootfs"
+        rootfs.mkdir()
+        shutil.copy(cluster.bin / "pause", rootfs / "pause")
+        tar = subprocess.run(["tar", "-C", str(rootfs), "-cf", "-", "."], capture_output=True, check=True).stdout
+        engine.run("import", "--change", 'ENTRYPOINT ["/pause"]', "-", PAUSE_IMAGE, input=tar)
+        node_labels = ",".join(f"{k}={v}" for k, v in labels.items())
+        self.log = open(self.root / "kubelet.log", "wb")
+        self.proc = subprocess.Popen([
+            str(cluster.bin / "kubelet"), f"--kubeconfig={cluster.admin_kubeconfig}", f"--hostname-override={name}",
+            f"--node-ip={address}", f"--root-dir={self.root / 'root'}", f"--cert-dir={self.root / 'pki'}",
+            "--container-runtime=docker", f"--docker-endpoint=unix://{engine.socket}",
+            f"--experimental-dockershim-root-directory={self.root / 'dockershim'}",
+            f"--pod-infra-container-image={PAUSE_IMAGE}", "--cgroups-per-qos=false", "--enforce-node-allocatable=",
+            "--cgroup-driver=cgroupfs", "--fail-swap-on=false", "--oom-score-adj=0", "--read-only-port=0",
+            f"--port={free_port()}", "--healthz-port=0", "--make-iptables-util-chains=false", "--eviction-hard=",
+            "--image-gc-high-threshold=100", "--image-gc-low-threshold=99", "--authorization-mode=AlwaysAllow",
+            f"--node-labels={node_labels}", "--register-node=true", "--v=1"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def log_tail(self, size: int = 3000) -> str:
+        return (self.root / "kubelet.log").read_text(errors="replace")[-size:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        self.engine.remove_all()  # the pods' containers and sandboxes
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f if line.split()[1].startswith(str(self.root))]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", mount], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self.made_fixed_dir:
+            shutil.rmtree(KUBELET_FIXED_DIR, ignore_errors=True)
+        for folder, before in self.logs_before.items():
+            for entry in (set(os.listdir(folder)) - before) if folder.is_dir() else ():
+                path = folder / entry
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 # ---- a network namespace for pod addresses -------------------------------------------------
 
 CLONE_NEWNET = 0x40000000
@@ -332,15 +396,15 @@ def process_container(name: str = "app", port: int = 8080) -> dict:
 
 
 def deployment(name: str, replicas: int, node_label: tuple[str, str], annotations: dict, tolerations=(),
-               **spec) -> dict:
-    """A Deployment of process_container() pods that tolerate the wakegate taint and land on the
-    nodes with node_label."""
+               container: dict | None = None, **spec) -> dict:
+    """A Deployment of pods (process_container() unless container is given) that tolerate the
+    wakegate taint and land on the nodes with node_label."""
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "default"},
             "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
                      "template": {"metadata": {"labels": {"app": name}, "annotations": annotations},
                                   "spec": {"nodeSelector": dict([node_label]),
                                            "tolerations": TAINT_TOLERATION + list(tolerations),
-                                           "containers": [process_container()], **spec}}}}
+                                           "containers": [container or process_container()], **spec}}}}
 
 
 def service_manifest(name: str, port: int = 8080) -> dict:

@@ -250,6 +250,7 @@ KUBE_LEASE_DURATION = 40.0  # the kubelet's node lease: 40 s, the node lifecycle
 KUBE_RENEW_INTERVAL = 10.0  # the kubelet renews its lease every 10 s (a quarter of its duration)
 KUBE_STATUS_INTERVAL = 60.0  # node status written this often when nothing changed; the kubelet's is 5 min
 KUBE_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+KUBE_SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # what in_cluster reads
 _KUBE_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _KUBE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # a DNS subdomain
 _KUBE_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -381,6 +382,9 @@ def _kubernetes(k: _Reader, path: str) -> KubernetesSettings:
     status_interval = k.duration("status_interval", KUBE_STATUS_INTERVAL)
     host_processes = k.boolean("host_processes", False)
     k.finish()
+    if in_cluster and not os.path.exists(KUBE_SERVICE_ACCOUNT_TOKEN):
+        raise k.error("in_cluster", f"this is not a pod with a service account: {KUBE_SERVICE_ACCOUNT_TOKEN} does not "
+                      "exist; use kubeconfig = \"FILE\" instead")
     return KubernetesSettings(
         enabled=True, kubeconfig=kubeconfig, in_cluster=in_cluster, node_name=node_name, node_address=str(ip),
         labels=tuple(sorted(labels.items())), taint=taint, capacity=tuple(capacity.items()),

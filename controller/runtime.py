@@ -161,7 +161,14 @@ class Runtime:
             from .kube.agent import KubeNode
 
             self.kube = KubeNode(self, config.kubernetes, __version__)
-            await self.kube.start()
+            try:
+                await self.kube.start()
+            except Exception as exc:  # credentials lightkube cannot use (an auth plugin it lacks, a bad file)
+                print(f"wakegate: {config.path}: kubernetes: cannot use the credentials: {exc}", file=sys.stderr)
+                await self.kube.close()
+                self.kube = None
+                await self._shutdown()
+                return EXIT_RUNTIME
         # Everything built so far (config, services) lives as long as the process: keep it out of the
         # garbage collector's full passes, which otherwise walk ~20 objects per configured service.
         gc.collect()

@@ -16,7 +16,7 @@
 set -euo pipefail
 cache=${WAKEGATE_CACHE:-/var/cache/wakegate}
 version=1.20.5+really1.20.2-1.1+deb12u1
-out="$cache/kubernetes-1.20.2"
+out="$cache/kubernetes-1.20.2-1"  # -N: the build's own revision (patches), so a changed build is made again
 binaries="kube-apiserver kube-controller-manager kube-scheduler kubelet pause"
 runtime_deps="etcd-server etcd-client openssl iproute2"
 
@@ -66,6 +66,12 @@ fixed=$(find "$work/reflect2" -type d -path '*github.com/modern-go/reflect2' | h
 rm -f "$vendored"/*.go "$vendored"/*.s
 cp "$fixed"/*.go "$fixed"/*.s "$vendored"/ 2>/dev/null || cp "$fixed"/*.go "$vendored"/
 rm -f "$vendored"/*_test.go
+# The kubelet gives every pod sandbox an oom_score_adj of -998, and lowering it below 0 takes
+# CAP_SYS_RESOURCE, which the sandboxes of these machines do not grant: runc then fails every pod.
+# The sandbox keeps the default (0) instead.
+sandbox="$src/pkg/kubelet/dockershim/docker_sandbox.go"
+grep -q 'defaultSandboxOOMAdj int = -998' "$sandbox" || { echo "deploy/kubernetes.sh: $sandbox has changed" >&2; exit 1; }
+sed -i 's/defaultSandboxOOMAdj int = -998/defaultSandboxOOMAdj int = 0/' "$sandbox"
 (cd "$src" && PATH="$go_bin:$PATH" CGO_ENABLED=0 GOFLAGS=-mod=vendor \
    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet" >"$work/build.log" 2>&1) \
   || { tail -n 40 "$work/build.log" >&2; exit 1; }
@@ -76,5 +82,8 @@ gcc -Os -static -DVERSION=v3.4-wakegate -o "$src/_output/bin/pause" "$src/build/
 mkdir -p "$out.tmp"
 for b in $binaries; do install -m 0755 "$src/_output/bin/$b" "$out.tmp/$b"; done
 rm -rf "$out" && mv "$out.tmp" "$out"
+for old in "$cache"/kubernetes-1.20.2*; do  # earlier revisions of this build
+  [ "$old" = "$out" ] || rm -rf "$old"
+done
 complete || { echo "deploy/kubernetes.sh: the build left no working binaries in $out" >&2; exit 1; }
 echo "$out"

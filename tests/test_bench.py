@@ -9,12 +9,16 @@ import pytest
 
 from .conftest import ROOT
 
+# The tiny run of every scenario (a Kubernetes control plane and a kubelet among them) is set up by the
+# first test that asks for it, and takes longer than pytest-timeout's default for one test.
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     result = subprocess.run([sys.executable, "-m", "bench", "all", "--tiny", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = out.glob("all-*.json")
     return out, json.loads(path.read_text()), result.stdout
@@ -132,6 +136,18 @@ def test_tls_compares_wakegate_with_nginx_over_https(tiny_run):
         for target in ("wakegate", "nginx"):
             assert case[target]["rps"] > 0 and case[target]["errors"] == 0, (mode, target, case)
         assert case["wakegate_vs_nginx"] > 0
+
+
+def test_k8s_compares_a_sleeping_pod_with_a_kubelet_scaling_from_zero(tiny_run):
+    _, results, _ = tiny_run
+    k8s = results["sections"]["k8s"]
+    pause, container, kubelet = k8s["wakegate_pause"], k8s["wakegate_container"], k8s["kubelet"]
+    assert pause["first_request"]["n"] == 5 and pause["wakes"] >= 6 and kubelet["total"]["n"] == 2
+    for section in (pause, k8s["wakegate_stop"], container):
+        assert section["ready_throughout"] and not section["status_writes_during_cycles"]
+    # a kubelet's pod is Ready only after its sandbox, its container and a readiness probe
+    assert kubelet["total"]["p50"] > kubelet["scale_to_endpoints"]["p50"] > container["first_request"]["p50"]
+    assert k8s["ratio"] > 1 and k8s["wakegate_node_scale"]["scale_to_endpoints"]["p50"] > 0
 
 
 def test_outputs_written(tiny_run):

@@ -203,6 +203,7 @@ BAD = [
     ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\nmicrovm_assets = ["/no/such"]\n',
      "kubernetes.microvm_assets", "not a folder"),
     ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\nnodes = 2\n', "kubernetes.nodes", "unknown key"),
+    ('[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\n', "kubernetes.in_cluster", "not a pod"),
 ] + [  # a service's own listeners
     ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["nowhere"]\n', "services.x.listen", "host:port"),
     ('[services.x]\nupstream = "127.0.0.1:1"\nlisten = ["127.0.0.1:0"]\n', "services.x.listen", "with a port"),
@@ -231,7 +232,7 @@ def test_bad_config_names_file_key_and_problem(tmp_path, text, key, words):
     assert words in message
 
 
-def test_kubernetes_settings(tmp_path):
+def test_kubernetes_settings(tmp_path, monkeypatch):
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]\n"
                           "users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n"
@@ -244,6 +245,9 @@ def test_kubernetes_settings(tmp_path):
     assert k.taint == ("wakegate.dev/scale-to-zero", "true", "NoSchedule") and k.labels == (("wakegate.dev/pool", "edge"),)
     assert dict(k.capacity)["cpu"] == "500m" and dict(k.capacity)["pods"] == "110"
     assert not config.services  # pods are its services
+    token = tmp_path / "token"
+    token.write_text("t")
+    monkeypatch.setattr("controller.config.KUBE_SERVICE_ACCOUNT_TOKEN", str(token))
     assert load(write(tmp_path, '[kubernetes]\nin_cluster = true\nnode_address = "10.0.0.5"\ntaint = ""\n')
                 ).kubernetes.taint is None
 

@@ -249,7 +249,7 @@ stop_timeout = "0s"
 def test_the_upstream_can_come_from_a_published_port(engine, start_wakegate):
     """A container on a bridge network of its own, its port published on an ephemeral host port
     (docker-proxy; no iptables): wakegate reads the binding after each start."""
-    engine.run("network", "create", "--driver", "bridge", "--subnet", "172.31.251.0/24", "wg-published")
+    engine.bridge_network("wg-published")
     try:
         engine.run("create", "--name", "published", "--network", "wg-published", "-p", "127.0.0.1::8080", IMAGE,
                    "/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www")

@@ -307,8 +307,8 @@ def test_a_container_pod_runs_from_a_local_image(start_node, kube, net, tag):
         pytest.skip(no_docker())
     engine = PrivateEngine()
     try:
-        engine.run("network", "create", "--driver", "bridge", "--subnet", "172.31.250.0/24", f"{tag}-net")
-        w = start_node(0, extra=f'docker_socket = "{engine.socket}"\ncontainer_network = "{tag}-net"')
+        network = engine.bridge_network(f"{tag}-net")
+        w = start_node(0, extra=f'docker_socket = "{engine.socket}"\ncontainer_network = "{network}"')
         container = {"name": "httpd", "image": IMAGE, "ports": [{"containerPort": 8080}],
                      "command": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]}
         create(kube, pod_manifest(f"{tag}-ctr", f"{tag}-0", {"wakegate.dev/run": "container",
@@ -336,7 +336,6 @@ def test_a_container_pod_runs_from_a_local_image(start_node, kube, net, tag):
         assert found.reason == "ErrImageNeverPull" and "pulls nothing" in found.message, found
         w.stop()
     finally:
-        engine.run("network", "rm", f"{tag}-net", check=False)
         engine.close()
 
 

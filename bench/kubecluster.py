@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import ROOT, free_port
+from .common import ROOT, free_port, stop_process
 
 ETCD = shutil.which("etcd")
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "pause")
@@ -280,13 +280,7 @@ class Kubelet:
         return (self.root / "kubelet.log").read_text(errors="replace")[-size:]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self.log.close()
         self.engine.remove_all()  # the pods' containers and sandboxes
         with open("/proc/self/mounts") as f:

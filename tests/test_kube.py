@@ -135,9 +135,16 @@ def test_the_node_registers_keeps_its_lease_and_goes_not_ready_on_a_clean_exit(s
     assert node.status.capacity == {"pods": "20", "cpu": "1500m", "memory": "2Gi"}
     assert [(a.type, a.address) for a in node.status.addresses][0] == ("InternalIP", net.addresses[0])
     assert {c.type: c.status for c in node.status.conditions}["Ready"] == "True"
-    first = kube.get(Lease, f"{tag}-0", namespace="kube-node-lease").spec.renewTime
-    wait_for("a renewed lease", lambda: kube.get(Lease, f"{tag}-0", namespace="kube-node-lease").spec.renewTime > first,
-             timeout=5)
+    def renewed():
+        from lightkube import ApiError
+
+        try:
+            return kube.get(Lease, f"{tag}-0", namespace="kube-node-lease").spec.renewTime
+        except ApiError:  # registration writes the status first, then makes the lease
+            return None
+
+    first = wait_for("the node's lease", renewed, timeout=5)
+    wait_for("a renewed lease", lambda: (renewed() or first) > first, timeout=5)
     assert w.stop() == 0
     node = kube.get(Node, f"{tag}-0")
     ready = next(c for c in node.status.conditions if c.type == "Ready")

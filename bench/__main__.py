@@ -415,7 +415,7 @@ SCENARIOS = ("steady", "wake", "cores", "wasm", "tls", "k8s", "burst", "scale", 
 
 def run(args) -> dict:
     results = {"scenario": args.scenario, "machine": machine(), "settings": vars(args).copy(), "sections": {}}
-    wanted = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    wanted = [s for s in SCENARIOS if s not in args.skip] if args.scenario == "all" else (args.scenario,)
     sections = results["sections"]
     for name in wanted:
         print(f"bench: {name}", flush=True)
@@ -532,6 +532,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("scenario", nargs="?", default="all", choices=("all",) + SCENARIOS + ("measure",))
     parser.add_argument("--quick", action="store_true", help="every scenario, small: about a minute or two")
+    parser.add_argument("--skip", default="", help="with all: scenarios to leave out, comma-separated")
     parser.add_argument("--tiny", action="store_true", help="the smallest run that exercises everything (tests)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON, markdown and PNG files")
     parser.add_argument("--cycles", type=int, default=40, help="wake: sleep/wake cycles per mode")
@@ -546,6 +547,10 @@ def main(argv=None) -> int:
     args.connections = [int(c) for c in args.connections.split(",")]
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.services = [int(s) for s in args.services.split(",")]
+    args.skip = [s for s in args.skip.split(",") if s]
+    unknown = [s for s in args.skip if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"--skip: unknown scenarios {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     if args.quick:
         args.duration, args.rounds, args.connections, args.sizes = 3, 2, [50], [2]
         args.cycles, args.burst, args.services = 10, 1000, [1, 1000]

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -149,6 +150,17 @@ backend be
     return targets, procs
 
 
+def wakegate_build() -> dict:
+    """What every wakegate this run starts runs with (the same interpreter, checkout and environment):
+    its parser and its warm path, as `wakegate --version` says."""
+    out = subprocess.run([sys.executable, "-m", "controller.cli", "--version"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60).stdout.strip()
+    match = re.search(r"parser: ([^,)]+)(?:, warm path: ([^)]+))?", out)
+    parser_name = match.group(1) if match else "?"
+    return {"wakegate": out, "parser": "c" if parser_name == "C extension" else "python",
+            "warm_path": (match.group(2) if match and match.group(2) else "python")}
+
+
 def machine() -> dict:
     cpu = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -163,14 +175,12 @@ def machine() -> dict:
         except (OSError, IndexError):
             return "?"
 
-    from proxy.http11 import IMPLEMENTATION
-
     return {
         "cores": os.cpu_count(),
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "parser": IMPLEMENTATION,
+        **wakegate_build(),
         "nginx": version([tool("nginx"), "-v"]),
         "haproxy": version([tool("haproxy"), "-v"]),
         "wrk": version([tool("wrk"), "-v"]),
@@ -484,7 +494,8 @@ def run(args) -> dict:
 
 def report(results: dict) -> str:
     parts = [f"Machine: {results['machine']['cores']} cores, {results['machine']['cpu']}, Python "
-             f"{results['machine']['python']}, parser {results['machine']['parser']}; {results['machine']['nginx']}; "
+             f"{results['machine']['python']}; wakegate's parser: {results['machine']['parser']}, its warm path: "
+             f"{results['machine']['warm_path']}; {results['machine']['nginx']}; "
              f"{results['machine']['haproxy'].split(' - ')[0]}. Absolute numbers drift 10-20% between runs on "
              "shared hosts: read the ratios.\n"]
     for name, section in results["sections"].items():
@@ -532,6 +543,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("scenario", nargs="?", default="all", choices=("all",) + SCENARIOS + ("measure",))
     parser.add_argument("--quick", action="store_true", help="every scenario, small: about a minute or two")
+    parser.add_argument("--pure-python", action="store_true",
+                        help="measure wakegate's pure-Python twin (WAKEGATE_PUREPYTHON=1) instead of the C extension")
     parser.add_argument("--skip", default="", help="with all: scenarios to leave out, comma-separated")
     parser.add_argument("--tiny", action="store_true", help="the smallest run that exercises everything (tests)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON, markdown and PNG files")
@@ -563,6 +576,13 @@ def main(argv=None) -> int:
         args.connections, args.sizes = [c for c in args.connections if c > 1] or [50], [2]
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench: needs two cores (one for the proxy, one for the load)")
+    if args.pure_python:
+        os.environ["WAKEGATE_PUREPYTHON"] = "1"  # every wakegate started from here inherits it
+    build = wakegate_build()
+    if build["parser"] != "c" and not args.pure_python:
+        sys.exit(f"bench: wakegate would run its pure-Python twin here ({build['wakegate']}): build the C extension "
+                 "(make build), or pass --pure-python to measure the twin on purpose")
+    print(f"bench: {build['wakegate']}", flush=True)
     ensure_tools()
     results = run(args)
 

@@ -23,8 +23,10 @@ EXIT_RUNTIME = 1
 
 def _implementation() -> str:
     from proxy.http11 import IMPLEMENTATION
+    from proxy.warm import WARM_PATH
 
-    return "C extension" if IMPLEMENTATION == "c" else "pure Python"
+    parser = "C extension" if IMPLEMENTATION == "c" else "pure Python"
+    return f"{parser}, warm path: {'C' if WARM_PATH == 'c' else 'Python'}"
 
 
 def make_route(config, svc):

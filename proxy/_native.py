@@ -695,3 +695,107 @@ def append_access_line(buffer, time, service, method, target, status, bytes_in, 
         _json_escape(client),
     )
     return len(buffer)
+
+
+# ---- the warm path's types (proxy/_warm.c) --------------------------------------------------
+# Their twins carry the same fields and methods; the warm path itself has no twin: with these,
+# every request takes proxy/server.py's Python path, which behaves the same.
+
+import asyncio as _asyncio
+from bisect import bisect_left as _bisect_left
+
+WARM_PATH = "python"
+# 50 microseconds to 30 seconds (DESIGN.md): fine steps where a proxy and a pause-mode wake live,
+# coarse ones for cold starts and slow upstreams.
+BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+ACCESS_FLUSH_BYTES = 16 * 1024  # access log lines are handed to the writer at this size (or every 100 ms)
+CLIENT_STATES = tuple(range(7))  # HEAD, BODY, HELD, CONNECTING, EXCHANGE, TUNNEL, CLOSED
+
+
+def warm_counts() -> tuple[int, int]:
+    """(requests, responses) the warm path handled in this process: none without the extension."""
+    return (0, 0)
+
+
+class Histogram:
+    """Counts per bucket (the last one is +Inf) and the sum; cumulated only when exported."""
+
+    __slots__ = ("_counts", "sum")
+
+    def __init__(self) -> None:
+        self._counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[_bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+    @property
+    def counts(self) -> list[int]:
+        """Counts per bucket (a copy), +Inf last."""
+        return list(self._counts)
+
+    @property
+    def count(self) -> int:
+        return sum(self._counts)
+
+    def absorb(self, counts, total: float) -> None:
+        """Add another process's histogram (same buckets) to this one."""
+        if len(counts) != len(BUCKETS) + 1:
+            raise ValueError(f"absorb(): {len(BUCKETS) + 1} counts expected")
+        mine = self._counts
+        for i, n in enumerate(counts):
+            mine[i] += n
+        self.sum += total
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out = []
+        total = 0
+        for bound, n in zip(BUCKETS, self._counts):
+            total += n
+            out.append((repr(bound), total))
+        out.append(("+Inf", total + self._counts[-1]))
+        return out
+
+
+class WarmLease:
+    """The lease of every request admitted at once to a READY service: granted, one per gate.
+    release() once per request; never a tunnel's."""
+
+    __slots__ = ("board", "slot", "worker")
+    granted, held, tunnel, refused = True, False, False, None
+
+    def __init__(self, board, slot: int, worker: int) -> None:
+        if not (0 <= slot < board.slots and 0 <= worker < board.workers):
+            raise IndexError(f"board slot {slot} or worker {worker} out of range")
+        self.board, self.slot, self.worker = board, slot, worker
+
+    def release(self) -> None:
+        self.board.leave(self.slot, self.worker, False)
+
+    def open_tunnel(self) -> None:
+        raise RuntimeError("a warm lease is never a tunnel's: an Upgrade takes the Python path")
+
+
+class RouteBase:
+    """A route's fields (proxy/server.py's ServiceRoute)."""
+
+    __slots__ = ("name", "name_bytes", "pool", "pool_key", "service", "no_wake", "stats", "wait_page_after")
+
+
+class UpstreamBase(_asyncio.Protocol):
+    """An upstream connection's fields; data_received is UpstreamConnection's own."""
+
+    __slots__ = ("pool", "transport", "owner", "reused", "closed", "reading_paused")
+
+
+class ClientBase(_asyncio.Protocol):
+    """A client connection's fields live in its instance dict; data_received is ClientConnection's own."""
+
+    warm = False
+
+    def _warm_limits(self, warm: bool) -> None:
+        """Nothing to copy: there is no warm path here."""

@@ -4,21 +4,10 @@
  * the readable reference; input comes in through the buffer protocol without a
  * copy, and each parsed head keeps one bytes copy of itself plus field offsets.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_speedups.h"
 #include <structmember.h>
 #include <string.h>
 #include <math.h>
-
-#define MAX_HEAD_BYTES (16 * 1024)     /* h11 and node: 16 KiB; longer heads get 431 */
-#define MAX_HEADERS 100                /* Apache LimitRequestFields: 100 fields; more get 431 */
-#define MAX_CHUNK_LINE_BYTES 4096      /* chunk-size line with extensions; Go net/http allows 4 KiB */
-#define MAX_TRAILER_BYTES (16 * 1024)  /* trailers get the same budget as a head */
-#define MAX_LENGTH_DIGITS 18           /* Content-Length fits in int64, as in llhttp */
-#define MAX_CONNECTION_OPTIONS 32      /* Connection tokens kept to strip named fields */
-
-#define CHUNKED (-1)
-#define UNTIL_CLOSE (-2)
 
 static PyObject *ProtocolError; /* proxy.errors.ProtocolError */
 
@@ -76,15 +65,6 @@ fail(const char *message, int status)
 /* How the rewrite treats a field: as it came, left out, merged into X-Forwarded-For, kept only on
  * a 101, or written with a canonical value (one clean framing field reaches the other side). */
 enum { F_KEEP = 0, F_DROP = 1, F_FORWARDED_FOR = 2, F_UPGRADE = 3, F_LENGTH = 4, F_CHUNKED = 5 };
-
-typedef struct {
-    Py_ssize_t name, name_len, value, value_len; /* offsets into raw */
-    int kind;                                    /* F_* for the rewrite */
-} Field;
-
-typedef struct {
-    Py_ssize_t off, len;
-} Span;
 
 /* Connection options (RFC 9110 section 7.6.1), lower-cased on comparison. */
 typedef struct {
@@ -360,24 +340,6 @@ bad:
 
 /* ---- RequestHead ---- */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *raw;
-    Py_ssize_t length;
-    Py_ssize_t body_length;
-    int version;
-    char keep_alive, expect_continue, is_head;
-    Py_ssize_t method_len;  /* method = raw[lead:lead+method_len] */
-    Py_ssize_t lead;
-    Span target, path;
-    Span host;              /* off -1: no host; host bytes are lower-cased on access */
-    Span host_value;        /* off -1: no Host field */
-    Span upgrade;           /* off -1: not an upgrade */
-    long long content_length; /* the merged Content-Length, written for an F_LENGTH field */
-    int nfields;
-    Field *fields;
-} RequestHead;
-
 static void
 request_dealloc(RequestHead *self)
 {
@@ -461,6 +423,12 @@ request_get_host(RequestHead *self, void *closure)
     return lower_bytes(self->raw, self->host);
 }
 
+PyObject *
+wg_request_host(RequestHead *head)
+{
+    return lower_bytes(head->raw, head->host);
+}
+
 static PyObject *
 request_get_upgrade(RequestHead *self, void *closure)
 {
@@ -505,7 +473,7 @@ static PyGetSetDef request_getset[] = {
     {"headers", (getter)request_get_headers, NULL, NULL, NULL},
     {NULL}};
 
-static PyTypeObject RequestHeadType = {
+PyTypeObject wg_RequestHeadType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "proxy._speedups.RequestHead",
     .tp_basicsize = sizeof(RequestHead),
@@ -518,20 +486,6 @@ static PyTypeObject RequestHeadType = {
 };
 
 /* ---- ResponseHead ---- */
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *raw;
-    Py_ssize_t length;
-    Py_ssize_t body_length;
-    int version;
-    int status;
-    char keep_alive;
-    Span reason;
-    long long content_length; /* the merged Content-Length, written for an F_LENGTH field */
-    int nfields;
-    Field *fields;
-} ResponseHead;
 
 static void
 response_dealloc(ResponseHead *self)
@@ -573,7 +527,7 @@ static PyGetSetDef response_getset[] = {
     {"headers", (getter)response_get_headers, NULL, NULL, NULL},
     {NULL}};
 
-static PyTypeObject ResponseHeadType = {
+PyTypeObject wg_ResponseHeadType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "proxy._speedups.ResponseHead",
     .tp_basicsize = sizeof(ResponseHead),
@@ -654,14 +608,19 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (gather_args(args, nargs, kwnames, names, 3, 1, a) < 0) return NULL;
     if (ssize_arg(a[2], MAX_HEAD_BYTES, &max_head) < 0) return NULL;
     if (open_buffer(a[0], &view, a[1], &start) < 0) return NULL;
+    PyObject *head = wg_parse_request(view.buf, view.len, start, max_head);
+    PyBuffer_Release(&view);
+    return head;
+}
 
-    const unsigned char *b = view.buf;
+PyObject *
+wg_parse_request(const unsigned char *b, Py_ssize_t len, Py_ssize_t start, Py_ssize_t max_head)
+{
     Split sp;
     RequestHead *head = NULL;
     Field *fields = NULL;
-    int r = split_head(b, view.len, start, max_head, &sp);
+    int r = split_head(b, len, start, max_head, &sp);
     if (r <= 0) {
-        PyBuffer_Release(&view);
         if (r == 0) Py_RETURN_NONE;
         return NULL;
     }
@@ -795,7 +754,7 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
             fields[f].kind = F_DROP;
     }
 
-    head = PyObject_New(RequestHead, &RequestHeadType);
+    head = PyObject_New(RequestHead, &wg_RequestHeadType);
     if (!head) goto error;
     head->fields = fields;
     fields = NULL;
@@ -816,11 +775,9 @@ parse_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     head->host_value = host_value;
     head->upgrade = upgrade;
     head->nfields = nf;
-    PyBuffer_Release(&view);
     return (PyObject *)head;
 
 error:
-    PyBuffer_Release(&view);
     PyMem_Free(fields);
     Py_XDECREF(head); /* raw may be NULL here; dealloc copes */
     return NULL;
@@ -840,14 +797,19 @@ parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     int head_request = a[3] ? PyObject_IsTrue(a[3]) : 0;
     if (head_request < 0) return NULL;
     if (open_buffer(a[0], &view, a[1], &start) < 0) return NULL;
+    PyObject *head = wg_parse_response(view.buf, view.len, start, max_head, head_request);
+    PyBuffer_Release(&view);
+    return head;
+}
 
-    const unsigned char *b = view.buf;
+PyObject *
+wg_parse_response(const unsigned char *b, Py_ssize_t len, Py_ssize_t start, Py_ssize_t max_head, int head_request)
+{
     Split sp;
     ResponseHead *head = NULL;
     Field *fields = NULL;
-    int r = split_head(b, view.len, start, max_head, &sp);
+    int r = split_head(b, len, start, max_head, &sp);
     if (r <= 0) {
-        PyBuffer_Release(&view);
         if (r == 0) Py_RETURN_NONE;
         return NULL;
     }
@@ -932,7 +894,7 @@ parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
             fields[f].kind = F_DROP;
     }
 
-    head = PyObject_New(ResponseHead, &ResponseHeadType);
+    head = PyObject_New(ResponseHead, &wg_ResponseHeadType);
     if (!head) goto error;
     head->fields = fields;
     fields = NULL;
@@ -946,11 +908,9 @@ parse_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     head->keep_alive = (char)keep_alive;
     head->reason = reason;
     head->nfields = nf;
-    PyBuffer_Release(&view);
     return (PyObject *)head;
 
 error:
-    PyBuffer_Release(&view);
     PyMem_Free(fields);
     Py_XDECREF(head);
     return NULL;
@@ -1042,29 +1002,9 @@ bytes_arg(PyObject *o, const char *what, const char **s, Py_ssize_t *n)
     return 0;
 }
 
-static PyObject *
-build_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+Py_ssize_t
+wg_request_size(const RequestHead *h, Py_ssize_t addr_len, Py_ssize_t proto_len, Py_ssize_t extra_len)
 {
-    static const char *const names[] = {"head", "client_addr", "proto", "extra"};
-    PyObject *a[4];
-    const char *addr, *proto, *extra;
-    Py_ssize_t addr_len, proto_len, extra_len;
-    if (gather_args(args, nargs, kwnames, names, 4, 2, a) < 0) return NULL;
-    if (!PyObject_TypeCheck(a[0], &RequestHeadType)) {
-        PyErr_SetString(PyExc_TypeError, "head must be a RequestHead");
-        return NULL;
-    }
-    if (bytes_arg(a[1], "client_addr", &addr, &addr_len) < 0) return NULL;
-    if (a[2]) {
-        if (bytes_arg(a[2], "proto", &proto, &proto_len) < 0) return NULL;
-    } else {
-        proto = "http";
-        proto_len = 4;
-    }
-    if (bytes_arg(a[3], "extra", &extra, &extra_len) < 0) return NULL;
-
-    RequestHead *h = (RequestHead *)a[0];
-    const char *raw = raw_of(h->raw);
     Py_ssize_t size = h->method_len + 1 + h->target.len + 11;
     for (int f = 0; f < h->nfields; f++) {
         const Field *fd = &h->fields[f];
@@ -1076,12 +1016,14 @@ build_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (h->host_value.off >= 0) size += 18 + h->host_value.len + 2;
     if (h->upgrade.off >= 0) size += 30 + h->upgrade.len + 2;
     else if (!h->version) size += 24;
-    size += extra_len + 2;
+    return size + extra_len + 2;
+}
 
-    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
-    if (!out) return NULL;
-    char *p = PyBytes_AS_STRING(out);
-    const char *end = p + size;
+char *
+wg_put_request(char *p, const char *end, const RequestHead *h, const char *addr, Py_ssize_t addr_len,
+               const char *proto, Py_ssize_t proto_len, const char *extra, Py_ssize_t extra_len)
+{
+    const char *raw = raw_of(h->raw);
     p = put(p, end, raw + h->lead, h->method_len);
     p = PUT(p, " ");
     p = put(p, end, raw + h->target.off, h->target.len);
@@ -1112,29 +1054,42 @@ build_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
         p = PUT(p, "Connection: keep-alive\r\n");
     }
     p = put(p, end, extra, extra_len);
-    p = PUT(p, "\r\n");
-    return finish_head(out, p, end, "build_request");
+    return PUT(p, "\r\n");
 }
 
 static PyObject *
-build_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+build_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static const char *const names[] = {"head", "keep_alive", "client_version", "extra"};
+    static const char *const names[] = {"head", "client_addr", "proto", "extra"};
     PyObject *a[4];
-    const char *extra;
-    Py_ssize_t extra_len, client_version;
+    const char *addr, *proto, *extra;
+    Py_ssize_t addr_len, proto_len, extra_len;
     if (gather_args(args, nargs, kwnames, names, 4, 2, a) < 0) return NULL;
-    if (!PyObject_TypeCheck(a[0], &ResponseHeadType)) {
-        PyErr_SetString(PyExc_TypeError, "head must be a ResponseHead");
+    if (!PyObject_TypeCheck(a[0], &wg_RequestHeadType)) {
+        PyErr_SetString(PyExc_TypeError, "head must be a RequestHead");
         return NULL;
     }
-    int keep_alive = PyObject_IsTrue(a[1]);
-    if (keep_alive < 0) return NULL;
-    if (ssize_arg(a[2], 1, &client_version) < 0) return NULL;
+    if (bytes_arg(a[1], "client_addr", &addr, &addr_len) < 0) return NULL;
+    if (a[2]) {
+        if (bytes_arg(a[2], "proto", &proto, &proto_len) < 0) return NULL;
+    } else {
+        proto = "http";
+        proto_len = 4;
+    }
     if (bytes_arg(a[3], "extra", &extra, &extra_len) < 0) return NULL;
+    RequestHead *h = (RequestHead *)a[0];
+    Py_ssize_t size = wg_request_size(h, addr_len, proto_len, extra_len);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    const char *end = p + size;
+    p = wg_put_request(p, end, h, addr, addr_len, proto, proto_len, extra, extra_len);
+    return finish_head(out, p, end, "build_request");
+}
 
-    ResponseHead *h = (ResponseHead *)a[0];
-    const char *raw = raw_of(h->raw);
+Py_ssize_t
+wg_response_size(const ResponseHead *h, int keep_alive, int client_version, Py_ssize_t extra_len)
+{
     int upgrading = h->status == 101;
     Py_ssize_t size = 13 + h->reason.len + 2;
     for (int f = 0; f < h->nfields; f++)
@@ -1142,12 +1097,15 @@ build_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     if (upgrading) size += 21;
     else if (!keep_alive) size += 19;
     else if (!client_version) size += 24;
-    size += extra_len + 2;
+    return size + extra_len + 2;
+}
 
-    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
-    if (!out) return NULL;
-    char *p = PyBytes_AS_STRING(out);
-    const char *end = p + size;
+char *
+wg_put_response(char *p, const char *end, const ResponseHead *h, int keep_alive, int client_version,
+                const char *extra, Py_ssize_t extra_len)
+{
+    const char *raw = raw_of(h->raw);
+    int upgrading = h->status == 101;
     char status[5] = {(char)('0' + h->status / 100), (char)('0' + h->status / 10 % 10),
                       (char)('0' + h->status % 10), ' ', 0};
     p = PUT(p, "HTTP/1.1 ");
@@ -1160,7 +1118,32 @@ build_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     else if (!keep_alive) p = PUT(p, "Connection: close\r\n");
     else if (!client_version) p = PUT(p, "Connection: keep-alive\r\n");
     p = put(p, end, extra, extra_len);
-    p = PUT(p, "\r\n");
+    return PUT(p, "\r\n");
+}
+
+static PyObject *
+build_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"head", "keep_alive", "client_version", "extra"};
+    PyObject *a[4];
+    const char *extra;
+    Py_ssize_t extra_len, client_version;
+    if (gather_args(args, nargs, kwnames, names, 4, 2, a) < 0) return NULL;
+    if (!PyObject_TypeCheck(a[0], &wg_ResponseHeadType)) {
+        PyErr_SetString(PyExc_TypeError, "head must be a ResponseHead");
+        return NULL;
+    }
+    int keep_alive = PyObject_IsTrue(a[1]);
+    if (keep_alive < 0) return NULL;
+    if (ssize_arg(a[2], 1, &client_version) < 0) return NULL;
+    if (bytes_arg(a[3], "extra", &extra, &extra_len) < 0) return NULL;
+    ResponseHead *h = (ResponseHead *)a[0];
+    Py_ssize_t size = wg_response_size(h, keep_alive, (int)client_version, extra_len);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    const char *end = p + size;
+    p = wg_put_response(p, end, h, keep_alive, (int)client_version, extra, extra_len);
     return finish_head(out, p, end, "build_response");
 }
 
@@ -1174,18 +1157,17 @@ enum {
     S_TRAILER, S_TRAILER_NAME, S_TRAILER_VALUE, S_TRAILER_LF, S_END_LF, S_DONE
 };
 
-#define TRAILER_NAME_KEPT 17 /* enough to recognise "transfer-encoding" and "content-length" */
-
 typedef struct {
     PyObject_HEAD
-    int state;
-    unsigned long long remaining;
-    int digits;
-    Py_ssize_t line;
-    Py_ssize_t trailer;
-    Py_ssize_t name_len;                    /* the trailer field name so far */
-    unsigned char name[TRAILER_NAME_KEPT];  /* its first bytes, lower-cased */
+    ChunkState st;
 } ChunkedScanner;
+
+void
+wg_chunk_init(ChunkState *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->state = S_SIZE;
+}
 
 static PyObject *
 scanner_new(PyTypeObject *type, PyObject *args, PyObject *kw)
@@ -1195,8 +1177,101 @@ scanner_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     }
     ChunkedScanner *self = (ChunkedScanner *)type->tp_alloc(type, 0);
-    if (self) self->state = S_SIZE;
+    if (self) wg_chunk_init(&self->st);
     return (PyObject *)self;
+}
+
+Py_ssize_t
+wg_chunk_scan(ChunkState *st, const unsigned char *b, Py_ssize_t n, Py_ssize_t i, const char **err, int *err_status)
+{
+    Py_ssize_t start = i;
+    *err = NULL;
+    *err_status = 400;
+    int state = st->state;
+    while (i < n && state != S_DONE) {
+        if (state == S_DATA) {
+            unsigned long long avail = (unsigned long long)(n - i);
+            unsigned long long take = st->remaining < avail ? st->remaining : avail;
+            i += (Py_ssize_t)take;
+            st->remaining -= take;
+            if (!st->remaining) state = S_DATA_CR;
+            continue;
+        }
+        unsigned char c = b[i++];
+        if (state >= S_TRAILER && ++st->trailer > MAX_TRAILER_BYTES) {
+            *err = "trailer section too large";
+            *err_status = 431;
+            goto done;
+        }
+        switch (state) {
+        case S_SIZE:
+            if (hexval[c] >= 0) {
+                if (st->digits == 16) { *err = "chunk size too large"; goto done; }
+                st->remaining = st->remaining * 16 + (unsigned long long)hexval[c];
+                st->digits++;
+                break;
+            }
+            if (!st->digits) { *err = "invalid chunk size"; goto done; }
+            if (c == '\r') state = S_SIZE_LF;
+            else if (c == ';') { st->line = st->digits + 1; state = S_EXT; }
+            else { *err = "invalid chunk size"; goto done; }
+            break;
+        case S_EXT:
+            if (++st->line > MAX_CHUNK_LINE_BYTES) { *err = "chunk extension too long"; goto done; }
+            if (c == '\r') state = S_SIZE_LF;
+            else if (!(cls[c] & C_VALUE)) { *err = "invalid chunk extension"; goto done; }
+            break;
+        case S_SIZE_LF:
+            if (c != '\n') { *err = "bare CR in chunk size line"; goto done; }
+            st->digits = 0;
+            st->line = 0;
+            state = st->remaining ? S_DATA : S_TRAILER;
+            break;
+        case S_DATA_CR:
+            if (c != '\r') { *err = "chunk data not followed by CRLF"; goto done; }
+            state = S_DATA_LF;
+            break;
+        case S_DATA_LF:
+            if (c != '\n') { *err = "chunk data not followed by CRLF"; goto done; }
+            state = S_SIZE;
+            break;
+        case S_TRAILER: /* the start of a trailer line, or the empty line that ends the body */
+            if (c == '\r') state = S_END_LF;
+            else if (cls[c] & C_TOKEN) { st->name[0] = lower[c]; st->name_len = 1; state = S_TRAILER_NAME; }
+            else { *err = "invalid trailer field"; goto done; }
+            break;
+        case S_TRAILER_NAME:
+            if (c == ':') {
+                /* RFC 9110 section 6.5.1: framing cannot come after the content; a trailer that
+                   names it is refused, never relayed to a parser that might merge it. */
+                if (IEQ(st->name, st->name_len, "content-length") ||
+                    IEQ(st->name, st->name_len, "transfer-encoding")) {
+                    *err = "framing field in a trailer";
+                    goto done;
+                }
+                state = S_TRAILER_VALUE;
+            }
+            else if (!(cls[c] & C_TOKEN)) { *err = "trailer field without a colon"; goto done; }
+            else if (st->name_len < TRAILER_NAME_KEPT) st->name[st->name_len++] = lower[c];
+            else st->name_len = TRAILER_NAME_KEPT + 1; /* longer than any name we look for */
+            break;
+        case S_TRAILER_VALUE:
+            if (c == '\r') state = S_TRAILER_LF;
+            else if (!(cls[c] & C_VALUE)) { *err = "invalid character in trailer"; goto done; }
+            break;
+        case S_TRAILER_LF:
+            if (c != '\n') { *err = "bare CR in trailer"; goto done; }
+            state = S_TRAILER;
+            break;
+        case S_END_LF:
+            if (c != '\n') { *err = "bare CR in trailer"; goto done; }
+            state = S_DONE;
+            break;
+        }
+    }
+done:
+    st->state = state;
+    return i - start;
 }
 
 static PyObject *
@@ -1208,103 +1283,18 @@ scanner_feed(ChunkedScanner *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     Py_buffer view;
     if (gather_args(args, nargs, kwnames, names, 2, 1, a) < 0) return NULL;
     if (open_buffer(a[0], &view, a[1], &start) < 0) return NULL;
-    const unsigned char *b = view.buf;
-    Py_ssize_t n = view.len, i = start;
-    int state = self->state;
-    const char *err = NULL;
-    int err_status = 400;
-    while (i < n && state != S_DONE) {
-        if (state == S_DATA) {
-            unsigned long long avail = (unsigned long long)(n - i);
-            unsigned long long take = self->remaining < avail ? self->remaining : avail;
-            i += (Py_ssize_t)take;
-            self->remaining -= take;
-            if (!self->remaining) state = S_DATA_CR;
-            continue;
-        }
-        unsigned char c = b[i++];
-        if (state >= S_TRAILER && ++self->trailer > MAX_TRAILER_BYTES) {
-            err = "trailer section too large";
-            err_status = 431;
-            goto done;
-        }
-        switch (state) {
-        case S_SIZE:
-            if (hexval[c] >= 0) {
-                if (self->digits == 16) { err = "chunk size too large"; goto done; }
-                self->remaining = self->remaining * 16 + (unsigned long long)hexval[c];
-                self->digits++;
-                break;
-            }
-            if (!self->digits) { err = "invalid chunk size"; goto done; }
-            if (c == '\r') state = S_SIZE_LF;
-            else if (c == ';') { self->line = self->digits + 1; state = S_EXT; }
-            else { err = "invalid chunk size"; goto done; }
-            break;
-        case S_EXT:
-            if (++self->line > MAX_CHUNK_LINE_BYTES) { err = "chunk extension too long"; goto done; }
-            if (c == '\r') state = S_SIZE_LF;
-            else if (!(cls[c] & C_VALUE)) { err = "invalid chunk extension"; goto done; }
-            break;
-        case S_SIZE_LF:
-            if (c != '\n') { err = "bare CR in chunk size line"; goto done; }
-            self->digits = 0;
-            self->line = 0;
-            state = self->remaining ? S_DATA : S_TRAILER;
-            break;
-        case S_DATA_CR:
-            if (c != '\r') { err = "chunk data not followed by CRLF"; goto done; }
-            state = S_DATA_LF;
-            break;
-        case S_DATA_LF:
-            if (c != '\n') { err = "chunk data not followed by CRLF"; goto done; }
-            state = S_SIZE;
-            break;
-        case S_TRAILER: /* the start of a trailer line, or the empty line that ends the body */
-            if (c == '\r') state = S_END_LF;
-            else if (cls[c] & C_TOKEN) { self->name[0] = lower[c]; self->name_len = 1; state = S_TRAILER_NAME; }
-            else { err = "invalid trailer field"; goto done; }
-            break;
-        case S_TRAILER_NAME:
-            if (c == ':') {
-                /* RFC 9110 section 6.5.1: framing cannot come after the content; a trailer that
-                   names it is refused, never relayed to a parser that might merge it. */
-                if (IEQ(self->name, self->name_len, "content-length") ||
-                    IEQ(self->name, self->name_len, "transfer-encoding")) {
-                    err = "framing field in a trailer";
-                    goto done;
-                }
-                state = S_TRAILER_VALUE;
-            }
-            else if (!(cls[c] & C_TOKEN)) { err = "trailer field without a colon"; goto done; }
-            else if (self->name_len < TRAILER_NAME_KEPT) self->name[self->name_len++] = lower[c];
-            else self->name_len = TRAILER_NAME_KEPT + 1; /* longer than any name we look for */
-            break;
-        case S_TRAILER_VALUE:
-            if (c == '\r') state = S_TRAILER_LF;
-            else if (!(cls[c] & C_VALUE)) { err = "invalid character in trailer"; goto done; }
-            break;
-        case S_TRAILER_LF:
-            if (c != '\n') { err = "bare CR in trailer"; goto done; }
-            state = S_TRAILER;
-            break;
-        case S_END_LF:
-            if (c != '\n') { err = "bare CR in trailer"; goto done; }
-            state = S_DONE;
-            break;
-        }
-    }
-done:
-    self->state = state;
+    const char *err;
+    int err_status;
+    Py_ssize_t k = wg_chunk_scan(&self->st, view.buf, view.len, start, &err, &err_status);
     PyBuffer_Release(&view);
     if (err) return fail(err, err_status);
-    return PyLong_FromSsize_t(i - start);
+    return PyLong_FromSsize_t(k);
 }
 
 static PyObject *
 scanner_get_done(ChunkedScanner *self, void *closure)
 {
-    return PyBool_FromLong(self->state == S_DONE);
+    return PyBool_FromLong(self->st.state == S_DONE);
 }
 
 static PyMethodDef scanner_methods[] = {
@@ -1404,66 +1394,46 @@ write_fixed(char *out, unsigned long long us, int decimals)
     return write_digits(out, us % unit, decimals);
 }
 
-static PyObject *
-append_access_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+Py_ssize_t
+wg_access_line(PyObject *buffer, double when, const char *service, Py_ssize_t service_len, const char *method,
+               Py_ssize_t method_len, const char *target, Py_ssize_t target_len, long long status,
+               long long bytes_in, long long bytes_out, double total, double queue, double connect, double upstream,
+               int woke, const char *client, Py_ssize_t client_len)
 {
-    if (nargs != 14) {
-        PyErr_Format(PyExc_TypeError, "append_access_line() takes 14 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *buffer = args[0];
-    if (!PyByteArray_Check(buffer)) {
-        PyErr_SetString(PyExc_TypeError, "append_access_line(): buffer must be a bytearray");
-        return NULL;
-    }
-    static const int string_args[4] = {2, 3, 4, 13}; /* service, method, target, client */
-    Py_ssize_t strings = 0;
-    for (int i = 0; i < 4; i++) {
-        if (!PyBytes_Check(args[string_args[i]])) {
-            PyErr_SetString(PyExc_TypeError, "append_access_line(): service, method, target and client are bytes");
-            return NULL;
-        }
-        strings += PyBytes_GET_SIZE(args[string_args[i]]);
-    }
-    /* Each conversion stops at the first failure: no C API call is made with an exception set. */
-    int error = 0;
-    double when = access_number(args[1], &error);
-    if (error) return NULL;
-    double ms[4]; /* seconds; written as milliseconds */
-    for (int i = 0; i < 4; i++) {
-        ms[i] = access_number(args[8 + i], &error);
-        if (error) return NULL;
-    }
-    long long ints[3];
-    for (int i = 0; i < 3; i++) {
-        ints[i] = PyLong_AsLongLong(args[5 + i]);
-        if (ints[i] == -1 && PyErr_Occurred()) return NULL;
-    }
-    int woke = PyObject_IsTrue(args[12]);
-    if (woke < 0) return NULL;
+    const char *strings_at[4] = {service, method, target, client};
+    Py_ssize_t strings_len[4] = {service_len, method_len, target_len, client_len};
+    Py_ssize_t strings = service_len + method_len + target_len + client_len;
+    double ms[4] = {total, queue, connect, upstream}; /* seconds; written as milliseconds */
+    long long ints[3] = {status, bytes_in, bytes_out};
+    when = (when >= 0.0 && when < ACCESS_NUMBER_MAX) ? when : 0.0;
+    for (int i = 0; i < 4; i++)
+        ms[i] = (ms[i] >= 0.0 && ms[i] < ACCESS_NUMBER_MAX) ? ms[i] : 0.0;
 
     Py_ssize_t old = PyByteArray_GET_SIZE(buffer);
-    if (strings > (PY_SSIZE_T_MAX - ACCESS_FIXED_BYTES - old) / 6) return PyErr_NoMemory();
+    if (strings > (PY_SSIZE_T_MAX - ACCESS_FIXED_BYTES - old) / 6) {
+        PyErr_NoMemory();
+        return -1;
+    }
     Py_ssize_t room = ACCESS_FIXED_BYTES + 6 * strings;
     if (PyByteArray_Resize(buffer, old + room) < 0)
-        return NULL;
+        return -1;
     char *start = PyByteArray_AS_STRING(buffer) + old, *p = start, *limit = start + room;
     /* Every write first checks that it fits: a wrong ACCESS_FIXED_BYTES gives SystemError, never a
        write past the buffer (an assert would vanish under NDEBUG). A number takes at most 24 bytes. */
 #define ACCESS_ROOM(k) do { if ((Py_ssize_t)(k) > limit - p) goto overflow; } while (0)
 #define ACCESS_TEXT(literal) do { ACCESS_ROOM(sizeof(literal) - 1); memcpy(p, literal, sizeof(literal) - 1); \
                                   p += sizeof(literal) - 1; } while (0)
-#define ACCESS_STRING(i) do { ACCESS_ROOM(6 * PyBytes_GET_SIZE(args[i])); \
-        p = json_escape(p, (const unsigned char *)PyBytes_AS_STRING(args[i]), PyBytes_GET_SIZE(args[i])); } while (0)
+#define ACCESS_STRING(i) do { ACCESS_ROOM(6 * strings_len[i]); \
+        p = json_escape(p, (const unsigned char *)strings_at[i], strings_len[i]); } while (0)
     ACCESS_TEXT("{\"time\":");
     ACCESS_ROOM(24);
     p = write_fixed(p, access_micros(when), 6);
     ACCESS_TEXT(",\"service\":\"");
-    ACCESS_STRING(2);
+    ACCESS_STRING(0);
     ACCESS_TEXT("\",\"method\":\"");
-    ACCESS_STRING(3);
+    ACCESS_STRING(1);
     ACCESS_TEXT("\",\"path\":\"");
-    ACCESS_STRING(4);
+    ACCESS_STRING(2);
     static const char *const int_names[3] = {"\",\"status\":", ",\"bytes_in\":", ",\"bytes_out\":"};
     for (int i = 0; i < 3; i++) {
         size_t k = strlen(int_names[i]);
@@ -1486,19 +1456,61 @@ append_access_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         ACCESS_TEXT(",\"woke\":true,\"client\":\"");
     else
         ACCESS_TEXT(",\"woke\":false,\"client\":\"");
-    ACCESS_STRING(13);
+    ACCESS_STRING(3);
     ACCESS_TEXT("\"}\n");
 #undef ACCESS_ROOM
 #undef ACCESS_TEXT
 #undef ACCESS_STRING
     if (PyByteArray_Resize(buffer, old + (p - start)) < 0)
-        return NULL;
-    return PyLong_FromSsize_t(old + (p - start));
+        return -1;
+    return old + (p - start);
 
 overflow:
     PyByteArray_Resize(buffer, old); /* shrinking cannot fail */
     PyErr_SetString(PyExc_SystemError, "append_access_line(): the line outgrew its room");
-    return NULL;
+    return -1;
+}
+
+static PyObject *
+append_access_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "append_access_line() takes 14 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *buffer = args[0];
+    if (!PyByteArray_Check(buffer)) {
+        PyErr_SetString(PyExc_TypeError, "append_access_line(): buffer must be a bytearray");
+        return NULL;
+    }
+    static const int string_args[4] = {2, 3, 4, 13}; /* service, method, target, client */
+    for (int i = 0; i < 4; i++) {
+        if (!PyBytes_Check(args[string_args[i]])) {
+            PyErr_SetString(PyExc_TypeError, "append_access_line(): service, method, target and client are bytes");
+            return NULL;
+        }
+    }
+    /* Each conversion stops at the first failure: no C API call is made with an exception set. */
+    int error = 0;
+    double when = access_number(args[1], &error);
+    if (error) return NULL;
+    double ms[4];
+    for (int i = 0; i < 4; i++) {
+        ms[i] = access_number(args[8 + i], &error);
+        if (error) return NULL;
+    }
+    long long ints[3];
+    for (int i = 0; i < 3; i++) {
+        ints[i] = PyLong_AsLongLong(args[5 + i]);
+        if (ints[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    int woke = PyObject_IsTrue(args[12]);
+    if (woke < 0) return NULL;
+#define B(i) PyBytes_AS_STRING(args[i]), PyBytes_GET_SIZE(args[i])
+    Py_ssize_t length = wg_access_line(buffer, when, B(2), B(3), B(4), ints[0], ints[1], ints[2], ms[0], ms[1],
+                                       ms[2], ms[3], woke, B(13));
+#undef B
+    return length < 0 ? NULL : PyLong_FromSsize_t(length);
 }
 
 /* ---- Board: per-service state and per-worker counters in shared memory (proxy/board.py) ----
@@ -1520,12 +1532,6 @@ overflow:
 #define C_HELD 3
 #define STATE_READY 2
 
-typedef struct {
-    PyObject_HEAD
-    Py_buffer view;
-    int64_t *words;
-    Py_ssize_t slots, workers;
-} BoardObject;
 
 static int64_t *
 board_slot(BoardObject *self, Py_ssize_t slot)
@@ -1619,6 +1625,32 @@ board_args(BoardObject *self, PyObject *const *args, Py_ssize_t nargs, Py_ssize_
         if (out[i] == -1 && PyErr_Occurred()) return -1;
     }
     return 0;
+}
+
+int
+wg_board_in_range(BoardObject *board, Py_ssize_t slot, Py_ssize_t worker)
+{
+    return slot >= 0 && slot < board->slots && worker >= 0 && worker < board->workers;
+}
+
+int
+wg_board_admit(BoardObject *board, Py_ssize_t slot, Py_ssize_t worker)
+{
+    int64_t *s = board->words + BOARD_WORDS + slot * BOARD_WORDS * (1 + board->workers);
+    int64_t *c = s + BOARD_WORDS * (1 + worker);
+    ADD(c + C_IN_FLIGHT, 1);
+    if (LOAD(s + B_STATE) == STATE_READY) return 1;
+    ADD(c + C_IN_FLIGHT, -1);
+    return 0;
+}
+
+void
+wg_board_leave(BoardObject *board, Py_ssize_t slot, Py_ssize_t worker, int tunnel)
+{
+    int64_t *c = board->words + BOARD_WORDS + slot * BOARD_WORDS * (1 + board->workers) + BOARD_WORDS * (1 + worker);
+    STORE(c + C_LAST_NS, monotonic_ns());  /* before the count drops: idle is never seen without it */
+    if (tunnel) ADD(c + C_TUNNELS, -1);
+    ADD(c + C_IN_FLIGHT, -1);
 }
 
 static PyObject *
@@ -1809,7 +1841,7 @@ static PyMemberDef board_members[] = {
     {"workers", T_PYSSIZET, offsetof(BoardObject, workers), READONLY, "worker columns"},
     {NULL}};
 
-static PyTypeObject BoardType = {
+PyTypeObject wg_BoardType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "proxy._speedups.Board",
     .tp_basicsize = sizeof(BoardObject),
@@ -1835,14 +1867,16 @@ static PyMethodDef module_methods[] = {
     {"append_access_line", (PyCFunction)(void (*)(void))append_access_line, METH_FASTCALL,
      "append_access_line(buffer, time, service, method, target, status, bytes_in, bytes_out, total, queue, "
      "connect, upstream, woke, client) -> new length of buffer"},
+    {"warm_counts", wg_warm_counts, METH_NOARGS,
+     "warm_counts() -> (requests, responses) the warm path handled in this process"},
     {NULL}};
 
 static int
 module_exec(PyObject *m)
 {
     init_tables();
-    if (PyType_Ready(&RequestHeadType) < 0 || PyType_Ready(&ResponseHeadType) < 0 ||
-        PyType_Ready(&ChunkedScannerType) < 0 || PyType_Ready(&BoardType) < 0)
+    if (PyType_Ready(&wg_RequestHeadType) < 0 || PyType_Ready(&wg_ResponseHeadType) < 0 ||
+        PyType_Ready(&ChunkedScannerType) < 0 || PyType_Ready(&wg_BoardType) < 0)
         return -1;
     if (!ProtocolError) {
         PyObject *errors = PyImport_ImportModule("proxy.errors");
@@ -1851,10 +1885,10 @@ module_exec(PyObject *m)
         Py_DECREF(errors);
         if (!ProtocolError) return -1;
     }
-    if (PyModule_AddObjectRef(m, "RequestHead", (PyObject *)&RequestHeadType) < 0 ||
-        PyModule_AddObjectRef(m, "ResponseHead", (PyObject *)&ResponseHeadType) < 0 ||
+    if (PyModule_AddObjectRef(m, "RequestHead", (PyObject *)&wg_RequestHeadType) < 0 ||
+        PyModule_AddObjectRef(m, "ResponseHead", (PyObject *)&wg_ResponseHeadType) < 0 ||
         PyModule_AddObjectRef(m, "ChunkedScanner", (PyObject *)&ChunkedScannerType) < 0 ||
-        PyModule_AddObjectRef(m, "Board", (PyObject *)&BoardType) < 0 ||
+        PyModule_AddObjectRef(m, "Board", (PyObject *)&wg_BoardType) < 0 ||
         PyModule_AddObjectRef(m, "ProtocolError", ProtocolError) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEAD_BYTES", MAX_HEAD_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEADERS", MAX_HEADERS) < 0 ||
@@ -1866,7 +1900,7 @@ module_exec(PyObject *m)
         PyModule_AddIntConstant(m, "UNTIL_CLOSE", UNTIL_CLOSE) < 0 ||
         PyModule_AddStringConstant(m, "IMPLEMENTATION", "c") < 0)
         return -1;
-    return 0;
+    return wg_warm_exec(m);
 }
 
 static PyModuleDef_Slot module_slots[] = {

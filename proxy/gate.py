@@ -17,6 +17,7 @@ from typing import Callable
 
 from .board import FAILED, READY
 from .seam import Refused
+from .warm import warm_lease
 
 # Lease states
 L_HELD, L_GRANTED, L_REFUSED, L_RELEASED, L_CANCELLED = range(5)
@@ -105,6 +106,8 @@ class Gate:
         self.asked = False  # an ask is out and no answer has come yet
         self.closing: str | None = None  # no new holds: the reason given to them
         self.holding: set | None = None  # the process's set of gates with held requests (for expire)
+        # The lease of every request admitted at once: one object, not one per request (proxy/warm.py).
+        self.warm_lease = warm_lease(board, slot, worker)
 
     @property
     def awake(self) -> bool:

@@ -16,53 +16,13 @@ import stat
 import sys
 import threading
 import time
-from bisect import bisect_left
+
+from .warm import ACCESS_FLUSH_BYTES, BUCKETS, Histogram  # noqa: F401  (BUCKETS: 50 us to 30 s, DESIGN.md)
 
 log = logging.getLogger("wakegate.metrics")
 
-# 50 microseconds to 30 seconds (DESIGN.md): fine steps where a proxy and a pause-mode wake
-# live, coarse ones for cold starts and slow upstreams.
-BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)
 ACCESS_FLUSH_SECONDS = 0.1  # access log lines wait at most this long for the writer thread
-ACCESS_FLUSH_BYTES = 16 * 1024  # ... or until this much is buffered: a small buffer stays in the CPU cache
 ACCESS_MAX_PENDING = 100_000  # lines waiting for a slow disk beyond this are dropped (and counted)
-
-
-class Histogram:
-    """Counts per bucket (the last one is +Inf) and the sum; cumulated only when exported."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(BUCKETS, value)] += 1
-        self.sum += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def absorb(self, counts: list[int], total: float) -> None:
-        """Add another process's histogram (same buckets) to this one."""
-        mine = self.counts
-        for i, n in enumerate(counts):
-            mine[i] += n
-        self.sum += total
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out = []
-        total = 0
-        for bound, n in zip(BUCKETS, self.counts):
-            total += n
-            out.append((repr(bound), total))
-        out.append(("+Inf", total + self.counts[-1]))
-        return out
 
 
 class WasmStats:

@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import socket
-from bisect import bisect_left
 from time import perf_counter
 
 from .http11 import (
@@ -29,11 +28,12 @@ from .http11 import (
 )
 
 from .board import STATE_NAMES as SERVICE_STATE_NAMES
-from .metrics import ACCESS_FLUSH_BYTES, BUCKETS, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
+from .metrics import ACCESS_FLUSH_BYTES, CLIENT_ERROR_REASONS, ProxyStats, ServiceStats
 from .pages import STATE_PATH, state_response, waiting_page, wants_html
 from .routing import PortRouter, Router
 from .seam import Refused
 from .upstream import UpstreamConnection, UpstreamPool
+from .warm import CLIENT_STATES, WARM_PATH, ClientBase, RouteBase
 
 log = logging.getLogger("wakegate.proxy")
 
@@ -53,9 +53,10 @@ MAX_INTERIM_RESPONSES = 5  # 1xx responses relayed per request, then 502; Go net
 # but applications do not always make them so).
 RETRY_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
-# Client connection states
+# Client connection states (the warm path's C code uses the same numbers: proxy/_warm.c)
 S_HEAD, S_BODY, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED = range(7)
 STATE_NAMES = ("HEAD", "BODY", "HELD", "CONNECTING", "EXCHANGE", "TUNNEL", "CLOSED")
+assert CLIENT_STATES == (S_HEAD, S_BODY, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED)
 
 # Every transition of a client connection, in one place (h11's _state.py is the model):
 # state -> {event: next state}. Anything else raises IllegalTransition.
@@ -117,11 +118,12 @@ def error_response(status: int, keep_alive: bool = False, head_only: bool = Fals
     return cached
 
 
-class ServiceRoute:
+class ServiceRoute(RouteBase):
     """What a request is routed to: a service's name, its upstream pool, its gate (the
-    acquire/release seam, proxy/gate.py), its no-wake rules and its waiting page."""
+    acquire/release seam, proxy/gate.py), its no-wake rules and its waiting page. The fields are
+    RouteBase's (proxy/warm.py), which the warm path reads without a lookup."""
 
-    __slots__ = ("name", "name_bytes", "pool", "pool_key", "service", "no_wake", "stats", "wait_page_after")
+    __slots__ = ()
 
     def __init__(self, name: str, pool: UpstreamPool, service=None, no_wake=None) -> None:
         self.name = name
@@ -182,6 +184,7 @@ class ProxyServer:
         self.access_log = None  # an AccessLog, or None when off
         self.server_timing = False
         self.measure = True  # [metrics] enabled
+        self.warm = True  # new connections may take the warm path (proxy/_warm.c) where it is built
         self.server: asyncio.AbstractServer | None = None
         self.tls_server: asyncio.AbstractServer | None = None
         self.port_servers: dict[str, asyncio.AbstractServer] = {}  # services' own listeners, by address
@@ -281,11 +284,14 @@ class IllegalTransition(RuntimeError):
     """A client connection was asked to move in a way its transition table does not allow."""
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(ClientBase, asyncio.Protocol):
     """One client connection and the exchange (request, upstream, response) under way on it.
 
     Its state changes only through ``_to(event)`` (the table CLIENT_TRANSITIONS), and it ends only
-    through ``_teardown()``, whichever side ends it.
+    through ``_teardown()``, whichever side ends it. Its fields are ClientBase's (proxy/warm.py): with
+    the C extension, data_received handles a warm exchange in C (proxy/_warm.c: a keep-alive request
+    to an awake service over an idle pooled connection, its response whole in one read) and leaves
+    the fields as this class's own code would; anything else comes to _data_received_slow.
     """
 
     def __init__(self, server: ProxyServer, proto: bytes = b"http", port_router: PortRouter | None = None) -> None:
@@ -341,6 +347,7 @@ class ClientConnection(asyncio.Protocol):
         self.connect_s = 0.0
         self.status_sent = 0
         self.bytes_out = 0
+        self._warm_limits(server.warm)
 
     # ---- the transition table's one door ----
 
@@ -360,8 +367,16 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.add(self)
         self.deadline = self.loop.time() + self.limits.head_timeout
 
-    def data_received(self, data: bytes) -> None:
+    def _data_received_slow(self, data: bytes, head=None) -> None:
+        """Client bytes; head: the request head the warm path parsed from data's start and left to us."""
         state = self.state
+        if head is not None:
+            self.idle = False
+            if head.length == len(data) and head.body_length == 0:
+                self._begin(head)
+            else:
+                self._consume(data, head)
+            return
         if state == S_HEAD and not self.buf and not self.write_paused:
             self.t0 = perf_counter()
             # Fast path: one whole request head without a body, in one read.
@@ -383,6 +398,9 @@ class ClientConnection(asyncio.Protocol):
             data = bytes(self.buf)
             self.buf.clear()
         self._consume(data)
+
+    if WARM_PATH != "c":
+        data_received = _data_received_slow
 
     def eof_received(self):
         state = self.state
@@ -453,8 +471,9 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- requests ----
 
-    def _consume(self, data: bytes) -> None:
-        """Use as many client bytes as the current state allows; keep the rest."""
+    def _consume(self, data: bytes, parsed=None) -> None:
+        """Use as many client bytes as the current state allows; keep the rest (parsed: the head at
+        data's start, when the caller parsed it already)."""
         pos = 0
         n = len(data)
         while pos < n:
@@ -466,11 +485,14 @@ class ClientConnection(asyncio.Protocol):
                     self.buf += data[pos:] if pos else data
                     self._pause(P_CLIENT_NOT_READING)
                     return
-                try:
-                    head = parse_request(data, pos, self.limits.max_head_size)
-                except ProtocolError as exc:
-                    self._reject(exc.status, str(exc))
-                    return
+                if parsed is not None:
+                    head, parsed = parsed, None
+                else:
+                    try:
+                        head = parse_request(data, pos, self.limits.max_head_size)
+                    except ProtocolError as exc:
+                        self._reject(exc.status, str(exc))
+                        return
                 if head is None:
                     if self.idle:
                         # A new head has begun: it must be complete within head_timeout.
@@ -899,11 +921,15 @@ class ClientConnection(asyncio.Protocol):
         self.idle = True
         self.deadline = self.loop.time() + self.limits.keepalive_timeout
         if self.buf:
-            self.t0 = perf_counter()
-            data = bytes(self.buf)
-            self.buf.clear()
-            self._resume(P_PIPELINE_FULL)
-            self._consume(data)
+            self._after_response()
+
+    def _after_response(self) -> None:
+        """The response went out and requests were read ahead meanwhile (pipelining): go on with them."""
+        self.t0 = perf_counter()
+        data = bytes(self.buf)
+        self.buf.clear()
+        self._resume(P_PIPELINE_FULL)
+        self._consume(data)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         """The upstream closed or reset the connection of the exchange under way."""
@@ -1018,15 +1044,9 @@ class ClientConnection(asyncio.Protocol):
             stats = route.stats
             codes = stats.codes
             codes[status] = codes.get(status, 0) + 1
-            # Histogram.observe inlined for the two every request records (a method call each is
-            # ~10% of the metrics' cost in callgrind's count).
-            hist = stats.duration
-            hist.counts[bisect_left(BUCKETS, total)] += 1
-            hist.sum += total
+            stats.duration.observe(total)
             if upstream:
-                hist = stats.upstream
-                hist.counts[bisect_left(BUCKETS, upstream)] += 1
-                hist.sum += upstream
+                stats.upstream.observe(upstream)
             if self.t_held:
                 stats.queue.observe(self.queue_s)
             if self.connect_s:

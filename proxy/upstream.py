@@ -11,11 +11,14 @@ import asyncio
 import collections
 import socket
 
+from .warm import WARM_PATH, UpstreamBase
 
-class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to a service; ``owner`` is the exchange using it, or None when idle."""
 
-    __slots__ = ("pool", "transport", "owner", "reused", "closed", "reading_paused")
+class UpstreamConnection(UpstreamBase, asyncio.Protocol):
+    """One TCP connection to a service; ``owner`` is the exchange using it, or None when idle. Its
+    fields are UpstreamBase's (proxy/warm.py), whose data_received answers a warm exchange in C."""
+
+    __slots__ = ()
 
     def __init__(self, pool: "UpstreamPool") -> None:
         self.pool = pool
@@ -34,13 +37,16 @@ class UpstreamConnection(asyncio.Protocol):
             except OSError:
                 pass
 
-    def data_received(self, data: bytes) -> None:
+    def _data_received_slow(self, data: bytes) -> None:
         owner = self.owner
         if owner is None:
             # Bytes on an idle connection: the service broke framing; never reuse it.
             self.close()
             return
         owner.upstream_data(data)
+
+    if WARM_PATH != "c":
+        data_received = _data_received_slow
 
     def eof_received(self):
         return False  # close our side too; a half-closed upstream is of no use

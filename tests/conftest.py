@@ -82,6 +82,8 @@ class Wakegate:
         self.launcher = list(launcher)  # a command to run wakegate under (prlimit, setpriv, ...)
         self.port = free_port()
         self.admin_port = free_port()
+        while self.admin_port == self.port:  # two picks of a free port can be the same one
+            self.admin_port = free_port()
         OUR_INSTANCES.add(f"127.0.0.1-{self.port}")  # its cgroups are ours to check (see no_leaks)
         self.config_path = tmp / f"wakegate-{self.port}.toml"
         self.rewrite(config, admin_extra)

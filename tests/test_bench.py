@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(900)
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # The Kubernetes scenario measures no parser: the pure-Python run leaves it to the C build's.
-    skip = ["--skip", "k8s"] if PURE else []
+    skip = ["--skip", "k8s", "--pure-python"] if PURE else []
     result = subprocess.run([sys.executable, "-m", "bench", "all", "--tiny", "--out", str(out), *skip], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -29,6 +29,7 @@ def tiny_run(tmp_path_factory):
 def test_machine_is_described(tiny_run):
     _, results, _ = tiny_run
     machine = results["machine"]
+    assert machine["parser"] == ("python" if PURE else "c") and machine["wakegate"].startswith("wakegate ")
     assert machine["cores"] >= 2 and machine["cpu"] and machine["python"]
     assert "nginx" in machine["nginx"] and "HAProxy" in machine["haproxy"]
 
@@ -169,7 +170,8 @@ def test_outputs_written(tiny_run):
 def test_measure_counts_instructions(tmp_path):
     """`bench measure` in tiny mode: wall-time costs, the /metrics scrape, and callgrind's count of
     instructions per request, which must rank the variants as their work does."""
-    result = subprocess.run([sys.executable, "-m", "bench", "measure", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+    twin = ["--pure-python"] if PURE else []
+    result = subprocess.run([sys.executable, "-m", "bench", "measure", "--tiny", "--out", str(tmp_path), *twin], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = tmp_path.glob("measure-*.json")
@@ -177,3 +179,14 @@ def test_measure_counts_instructions(tmp_path):
     counted = section["instructions"]["per_request"]
     assert 5_000 < counted["bare"] < counted["metrics"] < counted["metrics + access log"] < 10 * counted["bare"]
     assert "Instructions per request" in (tmp_path / path.name.replace(".json", ".md")).read_text()
+
+
+def test_the_twin_is_measured_only_when_asked(tmp_path):
+    """A checkout without the built extension must not report the twin's figures as wakegate's."""
+    import os
+
+    env = {**os.environ, "WAKEGATE_PUREPYTHON": "1"}
+    result = subprocess.run([sys.executable, "-m", "bench", "parse", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "pass --pure-python" in result.stderr, result.stderr
+    assert not list(tmp_path.iterdir())

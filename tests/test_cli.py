@@ -9,7 +9,8 @@ import pytest
 
 from .conftest import ROOT, free_port
 
-PARSER = "pure Python" if os.environ.get("WAKEGATE_PUREPYTHON") else "C extension"
+PARSER = ("pure Python, warm path: Python" if os.environ.get("WAKEGATE_PUREPYTHON")
+          else "C extension, warm path: C")
 
 
 def wakegate(*args):

@@ -1,0 +1,1202 @@
+/* proxy._speedups, the warm path: a keep-alive request to an awake service over an idle pooled upstream
+ * connection, and its response, handled in C from the read to the write, the metrics and the access
+ * log line included. Whatever does not fit (a wake, a new connection, a body or a response that is
+ * not whole in one read, an Upgrade, an error) goes to the Python protocol (proxy/server.py), which
+ * finds the connection in the state its own code would have left it: the fields are the same ones.
+ *
+ * The types: ClientBase and UpstreamBase (the protocols' fields and their data_received), RouteBase
+ * (a route's fields), WarmLease (a granted lease that needs no object per request) and Histogram.
+ * proxy/_native.py has their twins.
+ */
+#include "_speedups.h"
+#include <structmember.h>
+#include <string.h>
+#include <time.h>
+
+/* The client connection's states: proxy/server.py's S_* (it checks they agree). */
+enum { S_HEAD = 0, S_BODY, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED };
+
+/* metrics.BUCKETS: 50 microseconds to 30 seconds (proxy/metrics.py checks they agree). */
+static const double BUCKETS[] = {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0};
+#define NBUCKETS ((int)(sizeof(BUCKETS) / sizeof(BUCKETS[0])))
+
+#define ACCESS_FLUSH_BYTES (16 * 1024) /* metrics.ACCESS_FLUSH_BYTES */
+
+/* Requests sent upstream and responses answered by the warm path in this process (warm_counts()). */
+static unsigned long long warm_requests, warm_responses;
+
+static double
+now_seconds(void)
+{
+    /* CLOCK_MONOTONIC: what time.perf_counter() and the loop's time() read on Linux. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- Histogram ---- */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned long long counts[NBUCKETS + 1];
+    double sum;
+} Histogram;
+
+static PyTypeObject HistogramType;
+
+static inline void
+histogram_add(Histogram *h, double v)
+{
+    int lo = 0, hi = NBUCKETS; /* bisect_left(BUCKETS, v) */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (BUCKETS[mid] < v) lo = mid + 1;
+        else hi = mid;
+    }
+    h->counts[lo]++;
+    h->sum += v;
+}
+
+static PyObject *
+histogram_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Histogram() takes no arguments");
+        return NULL;
+    }
+    return type->tp_alloc(type, 0);
+}
+
+static PyObject *
+histogram_observe(Histogram *self, PyObject *value)
+{
+    double v = PyFloat_AsDouble(value);
+    if (v == -1.0 && PyErr_Occurred()) return NULL;
+    histogram_add(self, v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+histogram_absorb(Histogram *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "absorb(counts, total)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[0], "absorb(): counts must be a sequence");
+    if (!seq) return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != NBUCKETS + 1) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "absorb(): %d counts expected", NBUCKETS + 1);
+        return NULL;
+    }
+    unsigned long long add[NBUCKETS + 1];
+    for (int i = 0; i <= NBUCKETS; i++) {
+        add[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (add[i] == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    double total = PyFloat_AsDouble(args[1]);
+    if (total == -1.0 && PyErr_Occurred()) return NULL;
+    for (int i = 0; i <= NBUCKETS; i++) self->counts[i] += add[i];
+    self->sum += total;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+histogram_get_counts(Histogram *self, void *closure)
+{
+    PyObject *list = PyList_New(NBUCKETS + 1);
+    if (!list) return NULL;
+    for (int i = 0; i <= NBUCKETS; i++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(self->counts[i]);
+        if (!n) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, n);
+    }
+    return list;
+}
+
+static PyObject *
+histogram_get_count(Histogram *self, void *closure)
+{
+    unsigned long long total = 0;
+    for (int i = 0; i <= NBUCKETS; i++) total += self->counts[i];
+    return PyLong_FromUnsignedLongLong(total);
+}
+
+static PyObject *
+histogram_cumulative(Histogram *self, PyObject *unused)
+{
+    PyObject *list = PyList_New(NBUCKETS + 1);
+    if (!list) return NULL;
+    unsigned long long total = 0;
+    for (int i = 0; i <= NBUCKETS; i++) {
+        total += self->counts[i];
+        PyObject *bound = i < NBUCKETS ? PyObject_Repr(PyFloat_FromDouble(BUCKETS[i])) : PyUnicode_FromString("+Inf");
+        PyObject *item = bound ? Py_BuildValue("(NK)", bound, total) : NULL;
+        if (!item) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
+}
+
+static PyMethodDef histogram_methods[] = {
+    {"observe", (PyCFunction)histogram_observe, METH_O, "observe(value): one more observation"},
+    {"absorb", (PyCFunction)(void (*)(void))histogram_absorb, METH_FASTCALL,
+     "absorb(counts, total): add another process's histogram (the same buckets)"},
+    {"cumulative", (PyCFunction)histogram_cumulative, METH_NOARGS, "[(upper bound, cumulated count)], +Inf last"},
+    {NULL}};
+
+static PyMemberDef histogram_members[] = {
+    {"sum", T_DOUBLE, offsetof(Histogram, sum), 0, "the sum of every observation"},
+    {NULL}};
+
+static PyGetSetDef histogram_getset[] = {
+    {"counts", (getter)histogram_get_counts, NULL, "counts per bucket (a copy), +Inf last", NULL},
+    {"count", (getter)histogram_get_count, NULL, "observations", NULL},
+    {NULL}};
+
+static PyTypeObject HistogramType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.Histogram",
+    .tp_basicsize = sizeof(Histogram),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Counts per bucket (metrics.BUCKETS, then +Inf) and the sum; cumulated only when exported.",
+    .tp_new = histogram_new,
+    .tp_methods = histogram_methods,
+    .tp_members = histogram_members,
+    .tp_getset = histogram_getset,
+};
+
+/* ---- WarmLease: a granted lease on one gate's slot, shared by every request it admits ---- */
+
+typedef struct {
+    PyObject_HEAD
+    BoardObject *board;
+    Py_ssize_t slot, worker;
+} WarmLease;
+
+static PyTypeObject WarmLeaseType;
+
+static PyObject *
+warm_lease_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"board", "slot", "worker", NULL};
+    PyObject *board;
+    Py_ssize_t slot, worker;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!nn", kwlist, &wg_BoardType, &board, &slot, &worker))
+        return NULL;
+    if (!wg_board_in_range((BoardObject *)board, slot, worker)) {
+        PyErr_Format(PyExc_IndexError, "board slot %zd or worker %zd out of range", slot, worker);
+        return NULL;
+    }
+    WarmLease *self = (WarmLease *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    Py_INCREF(board);
+    self->board = (BoardObject *)board;
+    self->slot = slot;
+    self->worker = worker;
+    return (PyObject *)self;
+}
+
+static void
+warm_lease_dealloc(WarmLease *self)
+{
+    Py_XDECREF(self->board);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+warm_lease_release(WarmLease *self, PyObject *unused)
+{
+    wg_board_leave(self->board, self->slot, self->worker, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+warm_lease_open_tunnel(WarmLease *self, PyObject *unused)
+{
+    PyErr_SetString(PyExc_RuntimeError, "a warm lease is never a tunnel's: an Upgrade takes the Python path");
+    return NULL;
+}
+
+static PyObject *
+warm_lease_true(PyObject *self, void *closure)
+{
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+warm_lease_false(PyObject *self, void *closure)
+{
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+warm_lease_none(PyObject *self, void *closure)
+{
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef warm_lease_methods[] = {
+    {"release", (PyCFunction)warm_lease_release, METH_NOARGS, "the request is over (once per request)"},
+    {"open_tunnel", (PyCFunction)warm_lease_open_tunnel, METH_NOARGS, "never: see the type's doc"},
+    {NULL}};
+
+static PyGetSetDef warm_lease_getset[] = {
+    {"granted", (getter)warm_lease_true, NULL, NULL, NULL},
+    {"held", (getter)warm_lease_false, NULL, NULL, NULL},
+    {"tunnel", (getter)warm_lease_false, NULL, NULL, NULL},
+    {"refused", (getter)warm_lease_none, NULL, NULL, NULL},
+    {NULL}};
+
+static PyMemberDef warm_lease_members[] = {
+    {"slot", T_PYSSIZET, offsetof(WarmLease, slot), READONLY, NULL},
+    {"worker", T_PYSSIZET, offsetof(WarmLease, worker), READONLY, NULL},
+    {NULL}};
+
+static PyTypeObject WarmLeaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.WarmLease",
+    .tp_basicsize = sizeof(WarmLease),
+    .tp_dealloc = (destructor)warm_lease_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "WarmLease(board, slot, worker): the lease of every request admitted at once to a READY service "
+              "(proxy/gate.py's Lease, granted, without an object per request). release() once per request; "
+              "never a tunnel.",
+    .tp_new = warm_lease_new,
+    .tp_methods = warm_lease_methods,
+    .tp_getset = warm_lease_getset,
+    .tp_members = warm_lease_members,
+};
+
+/* ---- RouteBase: what a request is routed to (proxy/server.py's ServiceRoute) ---- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name, *name_bytes, *pool, *pool_key, *service, *no_wake, *stats, *wait_page_after;
+    PyObject *warm;     /* the gate's WarmLease, taken when service is set; NULL: no warm path */
+    PyObject *codes;    /* stats.codes and its histograms, taken when stats is set */
+    PyObject *duration, *upstream, *queue, *connect;
+} RouteBase;
+
+static PyTypeObject RouteBaseType;
+
+static PyObject *str_warm_lease, *str_codes, *str_duration, *str_upstream, *str_queue, *str_connect;
+
+static int
+route_traverse(RouteBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->name); Py_VISIT(self->name_bytes); Py_VISIT(self->pool); Py_VISIT(self->pool_key);
+    Py_VISIT(self->service); Py_VISIT(self->no_wake); Py_VISIT(self->stats); Py_VISIT(self->wait_page_after);
+    Py_VISIT(self->warm); Py_VISIT(self->codes); Py_VISIT(self->duration); Py_VISIT(self->upstream);
+    Py_VISIT(self->queue); Py_VISIT(self->connect);
+    return 0;
+}
+
+static int
+route_clear(RouteBase *self)
+{
+    Py_CLEAR(self->name); Py_CLEAR(self->name_bytes); Py_CLEAR(self->pool); Py_CLEAR(self->pool_key);
+    Py_CLEAR(self->service); Py_CLEAR(self->no_wake); Py_CLEAR(self->stats); Py_CLEAR(self->wait_page_after);
+    Py_CLEAR(self->warm); Py_CLEAR(self->codes); Py_CLEAR(self->duration); Py_CLEAR(self->upstream);
+    Py_CLEAR(self->queue); Py_CLEAR(self->connect);
+    return 0;
+}
+
+static void
+route_dealloc(RouteBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    route_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+route_get_service(RouteBase *self, void *closure)
+{
+    return Py_NewRef(self->service ? self->service : Py_None);
+}
+
+static int
+route_set_service(RouteBase *self, PyObject *value, void *closure)
+{
+    PyObject *warm = NULL;
+    if (value && value != Py_None) {
+        if (_PyObject_LookupAttr(value, str_warm_lease, &warm) < 0) return -1;
+        if (warm && !PyObject_TypeCheck(warm, &WarmLeaseType)) Py_CLEAR(warm);  /* a fake gate: no warm path */
+    }
+    Py_XSETREF(self->warm, warm);
+    Py_XSETREF(self->service, Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *
+route_get_stats(RouteBase *self, void *closure)
+{
+    return Py_NewRef(self->stats ? self->stats : Py_None);
+}
+
+static int
+route_set_stats(RouteBase *self, PyObject *value, void *closure)
+{
+    PyObject *codes = NULL, *h[4] = {NULL, NULL, NULL, NULL};
+    PyObject *names[4] = {str_duration, str_upstream, str_queue, str_connect};
+    if (value && value != Py_None) {
+        int ok = _PyObject_LookupAttr(value, str_codes, &codes) >= 0;
+        for (int i = 0; i < 4 && ok; i++) ok = _PyObject_LookupAttr(value, names[i], &h[i]) >= 0;
+        if (!ok) {
+            Py_XDECREF(codes);
+            for (int i = 0; i < 4; i++) Py_XDECREF(h[i]);
+            return -1;
+        }
+        int usable = codes && PyDict_CheckExact(codes);
+        for (int i = 0; i < 4; i++) usable = usable && h[i] && PyObject_TypeCheck(h[i], &HistogramType);
+        if (!usable) {  /* stats the warm path cannot write: it leaves this route to Python */
+            Py_CLEAR(codes);
+            for (int i = 0; i < 4; i++) Py_CLEAR(h[i]);
+        }
+    }
+    Py_XSETREF(self->codes, codes);
+    Py_XSETREF(self->duration, h[0]);
+    Py_XSETREF(self->upstream, h[1]);
+    Py_XSETREF(self->queue, h[2]);
+    Py_XSETREF(self->connect, h[3]);
+    Py_XSETREF(self->stats, Py_XNewRef(value));
+    return 0;
+}
+
+static PyMemberDef route_members[] = {
+    {"name", T_OBJECT, offsetof(RouteBase, name), 0, NULL},
+    {"name_bytes", T_OBJECT, offsetof(RouteBase, name_bytes), 0, NULL},
+    {"pool", T_OBJECT, offsetof(RouteBase, pool), 0, NULL},
+    {"pool_key", T_OBJECT, offsetof(RouteBase, pool_key), 0, NULL},
+    {"no_wake", T_OBJECT, offsetof(RouteBase, no_wake), 0, NULL},
+    {"wait_page_after", T_OBJECT, offsetof(RouteBase, wait_page_after), 0, NULL},
+    {NULL}};
+
+static PyGetSetDef route_getset[] = {
+    {"service", (getter)route_get_service, (setter)route_set_service, "the gate (the acquire/release seam)", NULL},
+    {"stats", (getter)route_get_stats, (setter)route_set_stats, "the route's ServiceStats", NULL},
+    {NULL}};
+
+static PyTypeObject RouteBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.RouteBase",
+    .tp_basicsize = sizeof(RouteBase),
+    .tp_dealloc = (destructor)route_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A route's fields, for the warm path to read without a lookup.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)route_traverse,
+    .tp_clear = (inquiry)route_clear,
+    .tp_members = route_members,
+    .tp_getset = route_getset,
+};
+
+/* ---- UpstreamBase and ClientBase: the protocols' fields ---- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *pool, *transport, *owner;
+    int reused, closed, reading_paused;
+} UpstreamBase;
+
+typedef struct {
+    PyObject_HEAD
+    /* the connection */
+    PyObject *server, *proto, *limits, *loop, *port_router, *exact_hosts, *transport, *client_addr, *client_host;
+    int state;
+    PyObject *buf;
+    double deadline, body_deadline;
+    int read_paused, write_paused;
+    /* the exchange under way */
+    PyObject *req, *route;
+    long long req_left;
+    PyObject *req_scanner;
+    int req_body_done;
+    long long req_body_seen;
+    double body_attached_at;
+    long long body_seen_at_attach;
+    PyObject *up_head, *pending;
+    long long pending_size;
+    PyObject *upstream, *lease, *connect_task, *pool_of_task;
+    int waiting_for_pool, retried;
+    PyObject *resp, *rbuf;
+    long long resp_left;
+    PyObject *resp_scanner;
+    int interim, responded, keep, client_eof, idle;
+    /* the timeline (perf_counter seconds; 0: not yet) */
+    double t0, t_held, t_connect, t_sent, t_first, queue_s, connect_s;
+    int status_sent;
+    long long bytes_out;
+    /* the limits the warm path reads, copied by _warm_limits() from limits */
+    Py_ssize_t max_head_size, max_body_size;
+    double upstream_timeout, keepalive_timeout, send_timeout;
+    int warm;  /* 0: this connection takes the Python path only (set by _warm_limits) */
+} ClientBase;
+
+static PyTypeObject ClientBaseType, UpstreamBaseType;
+
+#define CLIENT_OBJECTS(X) X(server) X(proto) X(limits) X(loop) X(port_router) X(exact_hosts) X(transport) \
+    X(client_addr) X(client_host) X(buf) X(req) X(route) X(req_scanner) X(up_head) X(pending) X(upstream) \
+    X(lease) X(connect_task) X(pool_of_task) X(resp) X(rbuf) X(resp_scanner)
+
+static int
+client_traverse(ClientBase *self, visitproc visit, void *arg)
+{
+#define VISIT(f) Py_VISIT(self->f);
+    CLIENT_OBJECTS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+client_clear(ClientBase *self)
+{
+#define CLEAR(f) Py_CLEAR(self->f);
+    CLIENT_OBJECTS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+client_dealloc(ClientBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    client_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+upstream_traverse(UpstreamBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->pool);
+    Py_VISIT(self->transport);
+    Py_VISIT(self->owner);
+    return 0;
+}
+
+static int
+upstream_clear(UpstreamBase *self)
+{
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->transport);
+    Py_CLEAR(self->owner);
+    return 0;
+}
+
+static void
+upstream_dealloc(UpstreamBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    upstream_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Interned names. */
+static PyObject *str_write, *str_slow, *str_upstream_data, *str_close, *str_give_back, *str_release, *str_flush,
+    *str_draining, *str_measure, *str_server_timing, *str_access_log, *str_buffer, *str_lines, *str_wall_offset,
+    *str_idle, *str_waiters, *str_max_idle, *str_after_response, *str_route, *str_max_head_size,
+    *str_max_body_size, *str_upstream_timeout, *str_keepalive_timeout, *str_send_timeout;
+
+/* An attribute that is true or not; -1 with an exception. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v) return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* ---- the request: client bytes to the upstream write ---- */
+
+/* 1: the request went upstream; 0: the Python path takes data (*head: what was parsed of it, or
+ * NULL); -1: an exception. */
+static int
+warm_request(ClientBase *self, PyObject *data, PyObject **head_out)
+{
+    *head_out = NULL;
+    if (!self->warm || self->state != S_HEAD || self->write_paused || !PyBytes_CheckExact(data) ||
+        (self->buf && PyByteArray_Check(self->buf) && PyByteArray_GET_SIZE(self->buf)))
+        return 0;
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    double now = now_seconds();
+    self->t0 = now;
+    PyObject *parsed = wg_parse_request(b, n, 0, self->max_head_size);
+    if (!parsed) {  /* a bad head: the Python path parses it again and answers its 4xx */
+        PyErr_Clear();
+        return 0;
+    }
+    if (parsed == Py_None) {
+        Py_DECREF(parsed);
+        return 0;
+    }
+    RequestHead *h = (RequestHead *)parsed;
+    *head_out = parsed;  /* from here on, every refusal hands the parsed head to the Python path */
+    Py_ssize_t body = h->body_length;
+    if (body < 0 || h->length + body != n || h->expect_continue || h->upgrade.off >= 0 || h->path.off < 0 ||
+        PyBytes_AS_STRING(h->raw)[h->path.off] != '/' || (self->max_body_size && body > self->max_body_size))
+        return 0;
+
+    /* route: the exact Host (one dict lookup), or the service's own listener */
+    PyObject *route;
+    if (self->port_router && self->port_router != Py_None) {
+        PyObject *host = wg_request_host(h);
+        if (!host) return -1;
+        route = PyObject_CallMethodObjArgs(self->port_router, str_route, host, Py_None, NULL);  /* PortRouter: path unused */
+        Py_DECREF(host);
+        if (!route) return -1;
+    } else {
+        if (!self->exact_hosts || !PyDict_Check(self->exact_hosts)) return 0;
+        PyObject *host = wg_request_host(h);
+        if (!host) return -1;
+        route = PyDict_GetItemWithError(self->exact_hosts, host);
+        Py_DECREF(host);
+        if (!route) return PyErr_Occurred() ? -1 : 0;
+        Py_INCREF(route);
+    }
+    if (!PyObject_TypeCheck(route, &RouteBaseType)) {
+        Py_DECREF(route);
+        return 0;
+    }
+    RouteBase *r = (RouteBase *)route;
+    WarmLease *lease = (WarmLease *)r->warm;
+    if (!lease || !r->pool || !r->codes || (r->wait_page_after && r->wait_page_after != Py_None)) {
+        Py_DECREF(route);
+        return 0;
+    }
+    /* an idle pooled connection, looked at before the admission so that a miss costs nothing */
+    PyObject *idle = PyObject_GetAttr(r->pool, str_idle);
+    if (!idle) {
+        Py_DECREF(route);
+        return -1;
+    }
+    UpstreamBase *conn = NULL;
+    if (PyList_CheckExact(idle)) {
+        while (PyList_GET_SIZE(idle)) {
+            PyObject *last = PyList_GET_ITEM(idle, PyList_GET_SIZE(idle) - 1);
+            if (PyObject_TypeCheck(last, &UpstreamBaseType) && !((UpstreamBase *)last)->closed &&
+                !((UpstreamBase *)last)->reading_paused) {
+                conn = (UpstreamBase *)last;
+                break;
+            }
+            if (!PyObject_TypeCheck(last, &UpstreamBaseType) || ((UpstreamBase *)last)->reading_paused) break;
+            /* closed: drop it, as pool.take() does */
+            if (PyList_SetSlice(idle, PyList_GET_SIZE(idle) - 1, PyList_GET_SIZE(idle), NULL) < 0) {
+                Py_DECREF(idle);
+                Py_DECREF(route);
+                return -1;
+            }
+        }
+    }
+    if (!conn || !conn->transport || !wg_board_admit(lease->board, lease->slot, lease->worker)) {
+        Py_DECREF(idle);
+        Py_DECREF(route);
+        return 0;  /* no connection to reuse, or not READY: the Python path connects or holds */
+    }
+    Py_INCREF(conn);
+    if (PyList_SetSlice(idle, PyList_GET_SIZE(idle) - 1, PyList_GET_SIZE(idle), NULL) < 0) {
+        wg_board_leave(lease->board, lease->slot, lease->worker, 0);
+        Py_DECREF(conn);
+        Py_DECREF(idle);
+        Py_DECREF(route);
+        return -1;
+    }
+    Py_DECREF(idle);
+
+    /* the head rewritten for the service, the body (if any) after it: one write */
+    const char *addr = "", *proto = "http";
+    Py_ssize_t addr_len = 0, proto_len = 4;
+    if (self->client_addr && PyBytes_Check(self->client_addr)) {
+        addr = PyBytes_AS_STRING(self->client_addr);
+        addr_len = PyBytes_GET_SIZE(self->client_addr);
+    }
+    if (self->proto && PyBytes_Check(self->proto)) {
+        proto = PyBytes_AS_STRING(self->proto);
+        proto_len = PyBytes_GET_SIZE(self->proto);
+    }
+    Py_ssize_t head_size = wg_request_size(h, addr_len, proto_len, 0);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, head_size + body);
+    if (!out) goto fail_conn;
+    char *p = PyBytes_AS_STRING(out), *end = p + head_size;
+    p = wg_put_request(p, end, h, addr, addr_len, proto, proto_len, "", 0);
+    if (p != end) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_SystemError, "warm path: the request head's size was computed wrong");
+        goto fail_conn;
+    }
+    if (body) memcpy(p, b + h->length, (size_t)body);
+
+    /* the exchange's fields, as _begin, _go_upstream and _attach leave them */
+    Py_XSETREF(self->req, parsed);
+    *head_out = NULL;
+    Py_XSETREF(self->route, route);
+    Py_XSETREF(self->lease, Py_NewRef((PyObject *)lease));
+    Py_XSETREF(self->up_head, Py_NewRef(out));
+    Py_XSETREF(conn->owner, Py_NewRef((PyObject *)self));
+    conn->reused = 1;
+    Py_XSETREF(self->upstream, (PyObject *)conn);
+    self->idle = 0;
+    self->t_held = self->t_connect = self->t_first = self->queue_s = self->connect_s = 0.0;
+    self->t_sent = now;
+    self->status_sent = 0;
+    self->interim = 0;
+    self->responded = 0;
+    self->retried = 0;
+    self->req_body_seen = body;
+    self->req_left = 0;
+    self->req_body_done = 1;
+    self->state = S_EXCHANGE;
+    self->deadline = now + self->upstream_timeout;
+    PyObject *res = PyObject_CallMethodOneArg(conn->transport, str_write, out);
+    Py_DECREF(out);
+    if (!res) return -1;
+    Py_DECREF(res);
+    warm_requests++;
+    return 1;
+
+fail_conn:
+    wg_board_leave(lease->board, lease->slot, lease->worker, 0);
+    Py_DECREF(conn);
+    Py_DECREF(route);
+    return -1;
+}
+
+static PyObject *
+client_data_received(ClientBase *self, PyObject *data)
+{
+    PyObject *head;
+    int r = warm_request(self, data, &head);
+    if (r < 0) {
+        Py_XDECREF(head);
+        return NULL;
+    }
+    if (r > 0) Py_RETURN_NONE;
+    PyObject *res = PyObject_CallMethodObjArgs((PyObject *)self, str_slow, data, head ? head : Py_None, NULL);
+    Py_XDECREF(head);
+    return res;
+}
+
+/* ---- the response: upstream bytes to the client write, then the record ---- */
+
+/* Give a connection whose response ended cleanly back to its pool, as UpstreamPool.give_back does
+ * when nobody waits (a waiter, or a full pool, is the pool's own business: it is asked). */
+static int
+give_back(UpstreamBase *conn)
+{
+    Py_CLEAR(conn->owner);
+    if (conn->closed) return 0;
+    PyObject *pool = conn->pool;
+    PyObject *waiters = PyObject_GetAttr(pool, str_waiters);
+    if (!waiters) return -1;
+    Py_ssize_t waiting = PyObject_Length(waiters);
+    Py_DECREF(waiters);
+    if (waiting < 0) return -1;
+    PyObject *idle = waiting ? NULL : PyObject_GetAttr(pool, str_idle);
+    PyObject *max_idle = waiting ? NULL : PyObject_GetAttr(pool, str_max_idle);
+    int inline_ok = idle && max_idle && PyList_CheckExact(idle) && PyLong_Check(max_idle) && !conn->reading_paused;
+    if (inline_ok) {
+        Py_ssize_t limit = PyLong_AsSsize_t(max_idle);
+        if (limit == -1 && PyErr_Occurred()) {
+            Py_DECREF(idle);
+            Py_DECREF(max_idle);
+            return -1;
+        }
+        int r = 0;
+        if (PyList_GET_SIZE(idle) < limit) r = PyList_Append(idle, (PyObject *)conn);
+        else inline_ok = 0;  /* full: the pool closes it */
+        Py_DECREF(idle);
+        Py_DECREF(max_idle);
+        if (inline_ok) return r;
+    } else {
+        Py_XDECREF(idle);
+        Py_XDECREF(max_idle);
+        if (PyErr_Occurred()) return -1;
+    }
+    PyObject *res = PyObject_CallMethodOneArg(pool, str_give_back, (PyObject *)conn);
+    if (!res) return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+/* _record: the metrics, then the access log line. */
+static int
+record(ClientBase *self, RouteBase *route, RequestHead *req, double end)
+{
+    PyObject *server = self->server;
+    int status = self->status_sent ? self->status_sent : 502;
+    double total = self->t0 ? end - self->t0 : 0.0;
+    double upstream = (self->t_first && self->t_sent) ? self->t_first - self->t_sent : 0.0;
+    int measure = attr_true(server, str_measure);
+    if (measure < 0) return -1;
+    if (measure) {
+        PyObject *code = PyLong_FromLong(status);
+        if (!code) return -1;
+        PyObject *old = PyDict_GetItemWithError(route->codes, code);
+        if (!old && PyErr_Occurred()) {
+            Py_DECREF(code);
+            return -1;
+        }
+        long long count = old ? PyLong_AsLongLong(old) : 0;
+        PyObject *n = PyLong_FromLongLong(count + 1);
+        int r = n ? PyDict_SetItem(route->codes, code, n) : -1;
+        Py_XDECREF(n);
+        Py_DECREF(code);
+        if (r < 0) return -1;
+        histogram_add((Histogram *)route->duration, total);
+        if (upstream) histogram_add((Histogram *)route->upstream, upstream);
+        if (self->t_held) histogram_add((Histogram *)route->queue, self->queue_s);
+        if (self->connect_s) histogram_add((Histogram *)route->connect, self->connect_s);
+    }
+    PyObject *access = PyObject_GetAttr(server, str_access_log);
+    if (!access) return -1;
+    if (access == Py_None) {
+        Py_DECREF(access);
+        return 0;
+    }
+    int r = -1;
+    PyObject *buffer = PyObject_GetAttr(access, str_buffer);
+    PyObject *offset = buffer ? PyObject_GetAttr(access, str_wall_offset) : NULL;
+    PyObject *lines = offset ? PyObject_GetAttr(access, str_lines) : NULL;
+    if (lines && PyByteArray_Check(buffer) && PyBytes_Check(route->name_bytes)) {
+        PyObject *one = PyLong_FromLong(1);
+        PyObject *more = one ? PyNumber_Add(lines, one) : NULL;
+        Py_XDECREF(one);
+        if (more && PyObject_SetAttr(access, str_lines, more) == 0) {
+            double wall = PyFloat_AsDouble(offset);
+            const char *raw = PyBytes_AS_STRING(req->raw);
+            const char *client = "";
+            Py_ssize_t client_len = 0;
+            if (self->client_addr && PyBytes_Check(self->client_addr)) {
+                client = PyBytes_AS_STRING(self->client_addr);
+                client_len = PyBytes_GET_SIZE(self->client_addr);
+            }
+            if (!(wall == -1.0 && PyErr_Occurred())) {
+                Py_ssize_t size = wg_access_line(
+                    buffer, end + wall, PyBytes_AS_STRING(route->name_bytes), PyBytes_GET_SIZE(route->name_bytes),
+                    raw + req->lead, req->method_len, raw + req->target.off, req->target.len, status,
+                    req->length + self->req_body_seen, self->bytes_out, total, self->queue_s, self->connect_s,
+                    upstream, self->t_held != 0.0, client, client_len);
+                if (size >= 0) {
+                    r = 0;
+                    if (size > ACCESS_FLUSH_BYTES) {
+                        PyObject *res = PyObject_CallMethodNoArgs(access, str_flush);
+                        if (res) Py_DECREF(res);
+                        else r = -1;
+                    }
+                }
+            }
+        }
+        Py_XDECREF(more);
+    } else if (lines) {
+        r = 0;  /* not what the warm path writes: nothing logged here (never the case in wakegate) */
+    }
+    Py_XDECREF(lines);
+    Py_XDECREF(offset);
+    Py_XDECREF(buffer);
+    Py_DECREF(access);
+    return r;
+}
+
+/* _finish: the response is through. Record it, give the connection back (give: its response ended
+ * cleanly and it may be reused) or close it, release the lease, then wait for the next request or
+ * close. 1, or -1 with an exception. */
+static int
+warm_finish(UpstreamBase *conn, ClientBase *c, RequestHead *req, RouteBase *route, int give, double now)
+{
+    Py_INCREF(c);  /* the client may be let go of by what is called below */
+    Py_INCREF(conn);
+    warm_responses++;
+    int failed = record(c, route, req, now) < 0;
+    Py_CLEAR(c->upstream);
+    if (!failed) {
+        if (give) failed = give_back(conn) < 0;
+        else {
+            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)conn, str_close);
+            if (r) Py_DECREF(r);
+            else failed = 1;
+        }
+    }
+    Py_DECREF(conn);
+    Py_CLEAR(c->req);
+    Py_CLEAR(c->resp);
+    Py_CLEAR(c->resp_scanner);
+    Py_CLEAR(c->route);
+    c->body_deadline = 0.0;
+    PyObject *lease = c->lease;
+    c->lease = NULL;
+    if (lease) {
+        if (Py_IS_TYPE(lease, &WarmLeaseType))
+            wg_board_leave(((WarmLease *)lease)->board, ((WarmLease *)lease)->slot, ((WarmLease *)lease)->worker, 0);
+        else if (!failed) {
+            PyObject *r = PyObject_CallMethodNoArgs(lease, str_release);
+            if (r) Py_DECREF(r);
+            else failed = 1;
+        }
+        Py_DECREF(lease);
+    }
+    int draining = failed ? 0 : attr_true(c->server, str_draining);
+    if (failed || draining < 0) {
+        Py_DECREF(c);
+        return -1;
+    }
+    PyObject *next = NULL;
+    if (!c->keep || draining || c->client_eof || !c->req_body_done) {
+        next = PyObject_CallMethodNoArgs((PyObject *)c, str_close);
+    } else {
+        c->state = S_HEAD;
+        c->idle = 1;
+        c->deadline = now + c->keepalive_timeout;
+        if (c->buf && PyByteArray_Check(c->buf) && PyByteArray_GET_SIZE(c->buf))
+            next = PyObject_CallMethodNoArgs((PyObject *)c, str_after_response);  /* pipelined requests */
+        else
+            next = Py_NewRef(Py_None);
+    }
+    Py_DECREF(c);
+    if (!next) return -1;
+    Py_DECREF(next);
+    return 1;
+}
+
+/* The exchange's request and route, when the warm path can finish what it is in. */
+static int
+warm_exchange(UpstreamBase *conn, ClientBase *c, RequestHead **req, RouteBase **route)
+{
+    if (c->state != S_EXCHANGE || (PyObject *)conn != c->upstream || !c->req_body_done || !c->transport ||
+        (c->rbuf && PyByteArray_Check(c->rbuf) && PyByteArray_GET_SIZE(c->rbuf)) ||
+        !c->req || !Py_IS_TYPE(c->req, &wg_RequestHeadType) || !c->route || !PyObject_TypeCheck(c->route, &RouteBaseType))
+        return 0;
+    *req = (RequestHead *)c->req;
+    *route = (RouteBase *)c->route;
+    return (*route)->codes != NULL;
+}
+
+static int
+client_write(ClientBase *c, PyObject *out)
+{
+    PyObject *res = PyObject_CallMethodOneArg(c->transport, str_write, out);
+    if (!res) return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+/* A response head (and body) in data: 1 handled (written; finished when its body is whole), 0 not the
+ * warm case (nothing done), -1 an exception. */
+static int
+warm_response(UpstreamBase *conn, ClientBase *c, PyObject *data)
+{
+    RequestHead *req;
+    RouteBase *route;
+    if ((c->resp && c->resp != Py_None) || !warm_exchange(conn, c, &req, &route)) return 0;
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    double now = now_seconds();
+    PyObject *parsed = wg_parse_response(b, n, 0, c->max_head_size, req->is_head);
+    if (!parsed) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (parsed == Py_None) {
+        Py_DECREF(parsed);
+        return 0;
+    }
+    ResponseHead *resp = (ResponseHead *)parsed;
+    Py_ssize_t body_end, left = 0;
+    if (resp->status < 200 || resp->status == 101 || resp->body_length == UNTIL_CLOSE) goto not_warm;
+    if (resp->body_length == CHUNKED) {
+        ChunkState st;
+        const char *err;
+        int err_status;
+        wg_chunk_init(&st);
+        Py_ssize_t k = wg_chunk_scan(&st, b, n, resp->length, &err, &err_status);
+        if (err || st.state != CHUNK_DONE) goto not_warm;  /* streamed, or broken: the Python path */
+        body_end = resp->length + k;
+        if (body_end != n) goto not_warm;
+    } else {
+        body_end = resp->length + resp->body_length;
+        if (body_end > n) {  /* the rest of the body comes in later reads: warm_body */
+            left = body_end - n;
+            body_end = n;
+        } else if (body_end != n) goto not_warm;  /* bytes after the body: the service broke framing */
+    }
+
+    c->t_first = now;
+    int draining = attr_true(c->server, str_draining);
+    int timing = draining < 0 ? -1 : attr_true(c->server, str_server_timing);
+    if (timing < 0) {
+        Py_DECREF(parsed);
+        return -1;
+    }
+    int keep = req->keep_alive && !draining;
+    char extra[160];
+    int extra_len = 0;
+    if (timing) {
+        double upstream = (c->t_first - c->t_sent) * 1e3;
+        extra_len = snprintf(extra, sizeof(extra), "Server-Timing: queue;dur=%.3f, connect;dur=%.3f, "
+                             "upstream;dur=%.3f\r\n", c->queue_s * 1e3, c->connect_s * 1e3, upstream);
+        if (extra_len < 0 || extra_len >= (int)sizeof(extra)) extra_len = 0;
+    }
+    Py_ssize_t head_size = wg_response_size(resp, keep, req->version, extra_len);
+    Py_ssize_t body = body_end - resp->length;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, head_size + body);
+    if (!out) {
+        Py_DECREF(parsed);
+        return -1;
+    }
+    char *p = PyBytes_AS_STRING(out), *end = p + head_size;
+    p = wg_put_response(p, end, resp, keep, req->version, extra, extra_len);
+    if (p != end) {
+        Py_DECREF(out);
+        Py_DECREF(parsed);
+        PyErr_SetString(PyExc_SystemError, "warm path: the response head's size was computed wrong");
+        return -1;
+    }
+    memcpy(p, b + resp->length, (size_t)body);
+    c->responded = 1;
+    c->status_sent = resp->status;
+    c->keep = keep;
+    c->bytes_out = head_size + body;
+    int upstream_keeps = resp->keep_alive;
+    int r = client_write(c, out);
+    Py_DECREF(out);
+    if (r < 0) {
+        Py_DECREF(parsed);
+        return -1;
+    }
+    if (left) {  /* as _response_head leaves it: the response under way, its body's rest to come */
+        Py_XSETREF(c->resp, parsed);
+        c->resp_left = left;
+        c->deadline = now + (c->write_paused ? c->send_timeout : c->upstream_timeout);
+        return 1;
+    }
+    Py_DECREF(parsed);
+    return warm_finish(conn, c, req, route, upstream_keeps, now);
+
+not_warm:
+    Py_DECREF(parsed);
+    return 0;
+}
+
+/* More of a Content-Length body under way: 1 handled, 0 not the warm case, -1 an exception. */
+static int
+warm_body(UpstreamBase *conn, ClientBase *c, PyObject *data)
+{
+    RequestHead *req;
+    RouteBase *route;
+    if (!c->resp || !Py_IS_TYPE(c->resp, &wg_ResponseHeadType) || ((ResponseHead *)c->resp)->body_length <= 0 ||
+        c->resp_left <= 0 || !warm_exchange(conn, c, &req, &route))
+        return 0;
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Py_ssize_t take = c->resp_left < n ? (Py_ssize_t)c->resp_left : n;
+    double now = now_seconds();
+    PyObject *out = take == n ? Py_NewRef(data) : PyBytes_FromStringAndSize(PyBytes_AS_STRING(data), take);
+    if (!out) return -1;
+    int r = client_write(c, out);
+    Py_DECREF(out);
+    if (r < 0) return -1;
+    c->bytes_out += take;
+    c->resp_left -= take;
+    if (c->resp_left) {
+        c->deadline = now + (c->write_paused ? c->send_timeout : c->upstream_timeout);
+        return 1;
+    }
+    /* clean: nothing came after the body (else the connection is not reused) */
+    int give = take == n && ((ResponseHead *)c->resp)->keep_alive;
+    return warm_finish(conn, c, req, route, give, now);
+}
+
+static PyObject *
+upstream_data_received(UpstreamBase *self, PyObject *data)
+{
+    PyObject *owner = self->owner;
+    if (!owner || owner == Py_None)  /* bytes on an idle connection: the service broke framing */
+        return PyObject_CallMethodNoArgs((PyObject *)self, str_close);
+    if (PyObject_TypeCheck(owner, &ClientBaseType) && ((ClientBase *)owner)->warm && PyBytes_CheckExact(data)) {
+        ClientBase *c = (ClientBase *)owner;
+        int r = (c->resp && c->resp != Py_None) ? warm_body(self, c, data) : warm_response(self, c, data);
+        if (r < 0) return NULL;
+        if (r > 0) Py_RETURN_NONE;
+    }
+    return PyObject_CallMethodOneArg(owner, str_upstream_data, data);
+}
+
+/* The limits the warm path reads, copied from self.limits (called by the Python protocol when it
+ * sets them); warm=False leaves the connection to the Python path. */
+static PyObject *
+client_warm_limits(ClientBase *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "_warm_limits(warm)");
+        return NULL;
+    }
+    int warm = PyObject_IsTrue(args[0]);
+    if (warm < 0) return NULL;
+    PyObject *limits = self->limits;
+    if (!limits) {
+        PyErr_SetString(PyExc_AttributeError, "_warm_limits(): set limits first");
+        return NULL;
+    }
+    PyObject *v[5] = {PyObject_GetAttr(limits, str_max_head_size), PyObject_GetAttr(limits, str_max_body_size),
+                      PyObject_GetAttr(limits, str_upstream_timeout), PyObject_GetAttr(limits, str_keepalive_timeout),
+                      PyObject_GetAttr(limits, str_send_timeout)};
+    int ok = v[0] && v[1] && v[2] && v[3] && v[4];
+    if (ok) {
+        self->max_head_size = PyLong_AsSsize_t(v[0]);
+        self->max_body_size = PyLong_AsSsize_t(v[1]);
+        self->upstream_timeout = PyFloat_AsDouble(v[2]);
+        self->keepalive_timeout = PyFloat_AsDouble(v[3]);
+        self->send_timeout = PyFloat_AsDouble(v[4]);
+        ok = !PyErr_Occurred();
+    }
+    for (int i = 0; i < 5; i++) Py_XDECREF(v[i]);
+    if (!ok) return NULL;
+    self->warm = warm;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef client_methods[] = {
+    {"data_received", (PyCFunction)client_data_received, METH_O,
+     "the warm path, or _data_received_slow(data, head)"},
+    {"_warm_limits", (PyCFunction)(void (*)(void))client_warm_limits, METH_FASTCALL,
+     "_warm_limits(warm): copy the limits the warm path reads; warm=False keeps it off"},
+    {NULL}};
+
+#define OBJ(name) {#name, T_OBJECT, offsetof(ClientBase, name), 0, NULL},
+#define INT(name) {#name, T_INT, offsetof(ClientBase, name), 0, NULL},
+#define DBL(name) {#name, T_DOUBLE, offsetof(ClientBase, name), 0, NULL},
+#define LL(name) {#name, T_LONGLONG, offsetof(ClientBase, name), 0, NULL},
+static PyMemberDef client_members[] = {
+    OBJ(server) OBJ(proto) OBJ(limits) OBJ(loop) OBJ(port_router) OBJ(exact_hosts) OBJ(transport) OBJ(client_addr)
+    OBJ(client_host) INT(state) OBJ(buf) DBL(deadline) DBL(body_deadline) INT(read_paused) INT(write_paused)
+    OBJ(req) OBJ(route) LL(req_left) OBJ(req_scanner) INT(req_body_done) LL(req_body_seen) DBL(body_attached_at)
+    LL(body_seen_at_attach) OBJ(up_head) OBJ(pending) LL(pending_size) OBJ(upstream) OBJ(lease) OBJ(connect_task)
+    {"_pool_of_task", T_OBJECT, offsetof(ClientBase, pool_of_task), 0, NULL},
+    INT(waiting_for_pool) INT(retried) OBJ(resp) OBJ(rbuf) LL(resp_left) OBJ(resp_scanner) INT(interim)
+    INT(responded) INT(keep) INT(client_eof) INT(idle) DBL(t0) DBL(t_held) DBL(t_connect) DBL(t_sent) DBL(t_first)
+    DBL(queue_s) DBL(connect_s) INT(status_sent) LL(bytes_out)
+    {"warm", T_INT, offsetof(ClientBase, warm), READONLY, "whether the warm path may take this connection's requests"},
+    {NULL}};
+#undef OBJ
+#undef INT
+#undef DBL
+#undef LL
+
+static PyTypeObject ClientBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.ClientBase",
+    .tp_basicsize = sizeof(ClientBase),
+    .tp_dealloc = (destructor)client_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A client connection's fields and its data_received: the warm path in C, the rest in Python.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)client_traverse,
+    .tp_clear = (inquiry)client_clear,
+    .tp_methods = client_methods,
+    .tp_members = client_members,
+};
+
+static PyMethodDef upstream_methods[] = {
+    {"data_received", (PyCFunction)upstream_data_received, METH_O,
+     "the warm path's response, or owner.upstream_data(data)"},
+    {NULL}};
+
+static PyMemberDef upstream_members[] = {
+    {"pool", T_OBJECT, offsetof(UpstreamBase, pool), 0, NULL},
+    {"transport", T_OBJECT, offsetof(UpstreamBase, transport), 0, NULL},
+    {"owner", T_OBJECT, offsetof(UpstreamBase, owner), 0, NULL},
+    {"reused", T_INT, offsetof(UpstreamBase, reused), 0, NULL},
+    {"closed", T_INT, offsetof(UpstreamBase, closed), 0, NULL},
+    {"reading_paused", T_INT, offsetof(UpstreamBase, reading_paused), 0, NULL},
+    {NULL}};
+
+static PyTypeObject UpstreamBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.UpstreamBase",
+    .tp_basicsize = sizeof(UpstreamBase),
+    .tp_dealloc = (destructor)upstream_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "An upstream connection's fields and its data_received: a warm response in C, the rest in Python.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)upstream_traverse,
+    .tp_clear = (inquiry)upstream_clear,
+    .tp_methods = upstream_methods,
+    .tp_members = upstream_members,
+};
+
+/* ---- module ---- */
+
+PyObject *
+wg_warm_counts(PyObject *module, PyObject *unused)
+{
+    return Py_BuildValue("(KK)", warm_requests, warm_responses);
+}
+
+static int
+intern(PyObject **slot, const char *name)
+{
+    *slot = PyUnicode_InternFromString(name);
+    return *slot ? 0 : -1;
+}
+
+int
+wg_warm_exec(PyObject *m)
+{
+    if (!str_write) {
+        struct { PyObject **slot; const char *name; } names[] = {
+            {&str_write, "write"}, {&str_slow, "_data_received_slow"}, {&str_upstream_data, "upstream_data"},
+            {&str_close, "close"}, {&str_give_back, "give_back"}, {&str_release, "release"}, {&str_flush, "flush"},
+            {&str_draining, "draining"}, {&str_measure, "measure"}, {&str_server_timing, "server_timing"},
+            {&str_access_log, "access_log"}, {&str_buffer, "buffer"}, {&str_lines, "lines"},
+            {&str_wall_offset, "wall_offset"}, {&str_idle, "idle"}, {&str_waiters, "waiters"},
+            {&str_max_idle, "max_idle"}, {&str_after_response, "_after_response"}, {&str_route, "route"},
+            {&str_max_head_size, "max_head_size"}, {&str_max_body_size, "max_body_size"},
+            {&str_upstream_timeout, "upstream_timeout"}, {&str_keepalive_timeout, "keepalive_timeout"},
+            {&str_send_timeout, "send_timeout"}, {&str_warm_lease, "warm_lease"}, {&str_codes, "codes"},
+            {&str_duration, "duration"}, {&str_upstream, "upstream"}, {&str_queue, "queue"},
+            {&str_connect, "connect"}};
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+            if (intern(names[i].slot, names[i].name) < 0) return -1;
+    }
+    if (PyType_Ready(&HistogramType) < 0 || PyType_Ready(&WarmLeaseType) < 0 || PyType_Ready(&RouteBaseType) < 0 ||
+        PyType_Ready(&ClientBaseType) < 0 || PyType_Ready(&UpstreamBaseType) < 0)
+        return -1;
+    PyObject *buckets = PyTuple_New(NBUCKETS);
+    if (!buckets) return -1;
+    for (int i = 0; i < NBUCKETS; i++) {
+        PyObject *f = PyFloat_FromDouble(BUCKETS[i]);
+        if (!f) {
+            Py_DECREF(buckets);
+            return -1;
+        }
+        PyTuple_SET_ITEM(buckets, i, f);
+    }
+    PyObject *states = Py_BuildValue("(iiiiiii)", S_HEAD, S_BODY, S_HELD, S_CONNECTING, S_EXCHANGE, S_TUNNEL, S_CLOSED);
+    int added = states && PyModule_AddObjectRef(m, "BUCKETS", buckets) == 0 &&
+                PyModule_AddObjectRef(m, "CLIENT_STATES", states) == 0;
+    Py_DECREF(buckets);
+    Py_XDECREF(states);
+    if (!added ||
+        PyModule_AddObjectRef(m, "Histogram", (PyObject *)&HistogramType) < 0 ||
+        PyModule_AddObjectRef(m, "WarmLease", (PyObject *)&WarmLeaseType) < 0 ||
+        PyModule_AddObjectRef(m, "RouteBase", (PyObject *)&RouteBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "ClientBase", (PyObject *)&ClientBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "UpstreamBase", (PyObject *)&UpstreamBaseType) < 0 ||
+        PyModule_AddIntConstant(m, "ACCESS_FLUSH_BYTES", ACCESS_FLUSH_BYTES) < 0 ||
+        PyModule_AddStringConstant(m, "WARM_PATH", "c") < 0)
+        return -1;
+    return 0;
+}

@@ -227,15 +227,18 @@ def k8s(args, progress=print) -> dict:
                         print(f"bench k8s: the {name}'s log ends with:\n{part.log_tail()}", file=sys.stderr)
                 raise
     finally:
-        for part in (node, kubelet):
-            if part is not None:
-                part.close()
-        if engine is not None:
-            engine.close()
-        if net is not None:
-            net.close()
-        if cluster is not None:
-            cluster.close()
+        # Everything is stopped, whatever fails on the way: a close that raises does not leave the
+        # rest running (the first error is raised once all are done).
+        errors = []
+        for close in (node and node.close, kubelet and kubelet.close, engine and engine.close, net and net.close,
+                      cluster and cluster.close):
+            if close:
+                try:
+                    close()
+                except Exception as exc:  # noqa: PERF203
+                    errors.append(exc)
+        if errors and sys.exc_info()[0] is None:
+            raise errors[0]
     out["ratio"] = out["kubelet"]["total"]["p50"] / out["wakegate_pause"]["first_request"]["p50"]
     out["ratio_container"] = out["kubelet"]["total"]["p50"] / out["wakegate_container"]["first_request"]["p50"]
     return out

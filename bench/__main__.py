@@ -1,6 +1,6 @@
 """``python -m bench``: wakegate against a direct connection, nginx and HAProxy, in one run.
 
-Layout (from ../shared/DESIGN.md): the backend (nginx, one worker, ``return 200``)
+Layout: the backend (nginx, one worker, ``return 200``)
 and wrk share CPU 1; the proxy under test has CPU 0 to itself. Targets are run
 in rotating order for several rounds; the report gives medians and spread, and
 ratios against nginx and HAProxy, since absolute numbers drift on shared hosts.
@@ -420,7 +420,17 @@ def parse_section(tiny: bool) -> dict:
             "c_vs": {name: value / c for name, value in medians.items() if c and name != "c"}}
 
 
-SCENARIOS = ("steady", "wake", "cores", "wasm", "tls", "k8s", "burst", "scale", "parse", "hostile")
+def measure_args(args):
+    """The measure scenario's settings: the loaded cases of the steady run, small bodies (where the
+    per-request work shows), unless a quick or tiny run already chose its one case."""
+    if args.quick or args.tiny:
+        return args
+    chosen = argparse.Namespace(**vars(args))
+    chosen.connections, chosen.sizes = [c for c in args.connections if c > 1] or [50], [2]
+    return chosen
+
+
+SCENARIOS = ("steady", "measure", "wake", "cores", "wasm", "tls", "k8s", "burst", "scale", "parse", "hostile")
 
 
 def run(args) -> dict:
@@ -429,19 +439,20 @@ def run(args) -> dict:
     sections = results["sections"]
     for name in wanted:
         print(f"bench: {name}", flush=True)
-        if name in ("steady", "measure"):
-            section = steady(args, measure_cost=name == "measure")
-            if name == "measure":
-                section["metrics_scrape"] = metrics_scrape_times(100 if args.tiny else 1000)
-                from . import instructions
+        if name == "steady":
+            section = steady(args)
+        elif name == "measure":  # the costs of measuring: at the steady run's loaded cases, small bodies
+            section = steady(measure_args(args), measure_cost=True)
+            section["metrics_scrape"] = metrics_scrape_times(100 if args.tiny else 1000)
+            from . import instructions
 
-                why = instructions.available()
-                if why:
-                    print(f"bench: instructions not counted: {why}", flush=True)
-                    section["instructions"] = {"not_measured": why}
-                else:
-                    section["instructions"] = instructions.per_request(200 if args.tiny else 2000,
-                                                                       50 if args.tiny else 200)
+            why = instructions.available()
+            if why:
+                print(f"bench: instructions not counted: {why}", flush=True)
+                section["instructions"] = {"not_measured": why}
+            else:
+                section["instructions"] = instructions.per_request(200 if args.tiny else 2000,
+                                                                   50 if args.tiny else 200)
         elif name == "wake":
             from . import wake
 
@@ -541,7 +552,7 @@ def report(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", nargs="?", default="all", choices=("all",) + SCENARIOS + ("measure",))
+    parser.add_argument("scenario", nargs="?", default="all", choices=("all",) + SCENARIOS)
     parser.add_argument("--quick", action="store_true", help="every scenario, small: about a minute or two")
     parser.add_argument("--pure-python", action="store_true",
                         help="measure wakegate's pure-Python twin (WAKEGATE_PUREPYTHON=1) instead of the C extension")
@@ -572,8 +583,6 @@ def main(argv=None) -> int:
         args.duration, args.rounds, args.connections, args.sizes = 1, 1, [5], [2]
         args.cycles, args.burst, args.services = 3, 50, [1, 20]
         args.hostile_seconds = 4.0
-    if args.scenario == "measure" and not (args.quick or args.tiny):
-        args.connections, args.sizes = [c for c in args.connections if c > 1] or [50], [2]
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench: needs two cores (one for the proxy, one for the load)")
     if args.pure_python:

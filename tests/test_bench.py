@@ -11,7 +11,7 @@ from .conftest import PURE, ROOT
 
 # The tiny run of every scenario (a Kubernetes control plane and a kubelet among them) is set up by the
 # first test that asks for it, and takes longer than pytest-timeout's default for one test.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory):
     # The Kubernetes scenario measures no parser: the pure-Python run leaves it to the C build's.
     skip = ["--skip", "k8s", "--pure-python"] if PURE else []
     result = subprocess.run([sys.executable, "-m", "bench", "all", "--tiny", "--out", str(out), *skip], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = out.glob("all-*.json")
     return out, json.loads(path.read_text()), result.stdout
@@ -162,23 +162,22 @@ def test_outputs_written(tiny_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (md,) = out.glob("all-*.md")
     text = md.read_text()
-    for heading in ("### steady", "### wake", "### cores", "### wasm", "### tls", "### burst", "### scale", "### parse", "### hostile"):
+    for heading in ("### steady", "### measure", "### wake", "### cores", "### wasm", "### tls", "### burst", "### scale", "### parse", "### hostile"):
         assert heading in text
     assert "round 1/1" in stdout  # progress is shown
 
 
-def test_measure_counts_instructions(tmp_path):
-    """`bench measure` in tiny mode: wall-time costs, the /metrics scrape, and callgrind's count of
-    instructions per request, which must rank the variants as their work does."""
-    twin = ["--pure-python"] if PURE else []
-    result = subprocess.run([sys.executable, "-m", "bench", "measure", "--tiny", "--out", str(tmp_path), *twin], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (path,) = tmp_path.glob("measure-*.json")
-    section = json.loads(path.read_text())["sections"]["measure"]
+def test_measure_counts_instructions(tiny_run):
+    """The measure scenario (part of `bench all`): wall-time costs, the /metrics scrape, and callgrind's
+    count of instructions per request, which must rank the variants as their work does."""
+    folder, results, _ = tiny_run
+    section = results["sections"]["measure"]
+    assert {"bare", "metrics-only", "measured", "direct"} <= set(section["cases"][0]["targets"])
+    assert section["metrics_scrape"]["bytes"] > 0
     counted = section["instructions"]["per_request"]
     assert 5_000 < counted["bare"] < counted["metrics"] < counted["metrics + access log"] < 10 * counted["bare"]
-    assert "Instructions per request" in (tmp_path / path.name.replace(".json", ".md")).read_text()
+    (md,) = folder.glob("all-*.md")
+    assert "### measure" in md.read_text() and "Instructions per request" in md.read_text()
 
 
 def test_the_twin_is_measured_only_when_asked(tmp_path):

@@ -6,7 +6,7 @@ setup(
     ext_modules=[
         Extension(
             "proxy._speedups",
-            sources=["proxy/_speedups.c", "proxy/_warm.c"], depends=["proxy/_speedups.h"],
+            sources=["proxy/_speedups.c", "proxy/_warm.c", "proxy/_access.c"], depends=["proxy/_speedups.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror=implicit-function-declaration"],
         )
     ]

@@ -702,6 +702,9 @@ def append_access_line(buffer, time, service, method, target, status, bytes_in, 
 # every request takes proxy/server.py's Python path, which behaves the same.
 
 import asyncio as _asyncio
+import os as _os
+import queue as _queue
+import threading as _threading
 from bisect import bisect_left as _bisect_left
 
 WARM_PATH = "python"
@@ -761,6 +764,9 @@ class Histogram:
         return out
 
 
+StatusCounts = dict  # requests per status code: a dict of counts (the C one keeps them in an array)
+
+
 class WarmLease:
     """The lease of every request admitted at once to a READY service: granted, one per gate.
     release() once per request; never a tunnel's."""
@@ -778,6 +784,115 @@ class WarmLease:
 
     def open_tunnel(self) -> None:
         raise RuntimeError("a warm lease is never a tunnel's: an Upgrade takes the Python path")
+
+
+class AccessLogBase:
+    """JSON access lines batched in memory (append_access_line) and written by a writer thread, so
+    the event loop never waits on the disk (proxy/_access.c's twin)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._buffer = bytearray()
+        self.lines = 0
+        self.wall_offset = 0.0
+        self._queue: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._pending = 0
+        self._dropped = 0
+        self._errors = (0, 0)
+        self._lock = _threading.Lock()
+        self._thread = None
+
+    def _open(self, fd: int, piece: int, wall_offset: float, max_pending: int) -> None:
+        """Start the writer on fd (piece: 0 for a file, PIPE_BUF for a pipe: writes end at a line's end
+        within it, which a pipe keeps whole)."""
+        self._fd, self._piece, self.wall_offset, self._max_pending = fd, piece, wall_offset, max_pending
+        self._thread = _threading.Thread(target=self._write, name="wakegate-access-log", daemon=True)
+        self._thread.start()
+
+    def append(self, when, service, method, target, status, bytes_in, bytes_out, total, queue, connect, upstream,
+               woke, client) -> None:
+        """One line; the batch goes to the writer past ACCESS_FLUSH_BYTES."""
+        self.lines += 1
+        if append_access_line(self._buffer, when, service, method, target, status, bytes_in, bytes_out, total,
+                              queue, connect, upstream, woke, client) > ACCESS_FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the lines so far to the writer (or drop them if it is far behind)."""
+        if not self.lines:
+            return
+        data, n = bytes(self._buffer), self.lines
+        self._buffer.clear()
+        self.lines = 0
+        with self._lock:
+            if self._thread is None or self._pending > self._max_pending:
+                self._dropped += n
+                return
+            self._pending += n
+        self._queue.put((n, data))
+
+    @property
+    def queued_lines(self) -> int:
+        with self._lock:
+            return self._pending
+
+    @property
+    def trouble(self) -> bool:
+        """Lines were dropped or writes failed since the last take_*()."""
+        return bool(self._dropped or self._errors[0])
+
+    def take_dropped(self) -> int:
+        with self._lock:
+            n, self._dropped = self._dropped, 0
+        return n
+
+    def take_errors(self) -> tuple[int, int]:
+        with self._lock:
+            errors, self._errors = self._errors, (0, self._errors[1])
+        return errors
+
+    def close(self) -> None:
+        """Flush, then wait for the writer to write everything and stop."""
+        self.flush()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _write(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            n, data = item
+            try:
+                self._write_lines(data)
+            except OSError as exc:  # a full disk must not take the proxy down: counted, reported by the owner
+                with self._lock:
+                    self._errors = (self._errors[0] + 1, exc.errno or 0)
+            with self._lock:
+                self._pending -= n
+
+    def _write_lines(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            end = len(view)
+            if self._piece and end > self._piece:
+                cut = bytes(view[:self._piece]).rfind(b"\n")
+                end = cut + 1 if cut >= 0 else len(view)  # a line longer than a pipe's atom goes alone
+            written = _os.write(self._fd, view[:end])
+            if written < end:  # a short write (full disk): finish the line, so the next starts clean
+                rest = view[written:end]
+                while rest:
+                    rest = rest[_os.write(self._fd, rest):]
+            view = view[end:]
+
+
+class ServerBase:
+    """The proxy server's fields (proxy/server.py's ProxyServer keeps them in its instance dict)."""
+
+
+class PoolBase:
+    """An upstream pool's fields (proxy/upstream.py's UpstreamPool keeps them in its instance dict)."""
 
 
 class RouteBase:

@@ -26,6 +26,8 @@ typedef struct {
     Py_ssize_t off, len;
 } Span;
 
+#define WG_INLINE_FIELDS 8 /* a head's fields kept in the head itself (more are allocated) */
+
 typedef struct {
     PyObject_HEAD
     PyObject *raw;
@@ -42,6 +44,7 @@ typedef struct {
     long long content_length; /* the merged Content-Length, written for an F_LENGTH field */
     int nfields;
     Field *fields;
+    Field inline_fields[WG_INLINE_FIELDS];
 } RequestHead;
 
 typedef struct {
@@ -56,6 +59,7 @@ typedef struct {
     long long content_length; /* the merged Content-Length, written for an F_LENGTH field */
     int nfields;
     Field *fields;
+    Field inline_fields[WG_INLINE_FIELDS];
 } ResponseHead;
 
 #define TRAILER_NAME_KEPT 17 /* enough to recognise "transfer-encoding" and "content-length" */
@@ -80,10 +84,12 @@ typedef struct {
 
 extern PyTypeObject wg_RequestHeadType, wg_ResponseHeadType, wg_BoardType;
 
-/* parse_request / parse_response on memory: a head, Py_None (incomplete), or NULL with ProtocolError. */
-PyObject *wg_parse_request(const unsigned char *b, Py_ssize_t len, Py_ssize_t start, Py_ssize_t max_head);
+/* parse_request / parse_response on memory: a head, Py_None (incomplete), or NULL with ProtocolError.
+ * source: the object b is the buffer of, or NULL; a bytes object that is exactly the head becomes its raw. */
+PyObject *wg_parse_request(const unsigned char *b, Py_ssize_t len, Py_ssize_t start, Py_ssize_t max_head,
+                           PyObject *source);
 PyObject *wg_parse_response(const unsigned char *b, Py_ssize_t len, Py_ssize_t start, Py_ssize_t max_head,
-                            int head_request);
+                            int head_request, PyObject *source);
 PyObject *wg_request_host(RequestHead *head); /* the lower-cased host key, or Py_None */
 
 /* The rewritten heads: the size first, then the bytes written from p (NULL: it did not fit). */
@@ -101,11 +107,37 @@ void wg_chunk_init(ChunkState *st);
 Py_ssize_t wg_chunk_scan(ChunkState *st, const unsigned char *b, Py_ssize_t n, Py_ssize_t i, const char **err,
                          int *err_status);
 
-/* One access log line appended to a bytearray; its new length, or -1 with an exception. */
-Py_ssize_t wg_access_line(PyObject *buffer, double when, const char *service, Py_ssize_t service_len,
-                          const char *method, Py_ssize_t method_len, const char *target, Py_ssize_t target_len,
-                          long long status, long long bytes_in, long long bytes_out, double total, double queue,
-                          double connect, double upstream, int woke, const char *client, Py_ssize_t client_len);
+/* One access log line: what it says (times in seconds; durations are written in milliseconds). */
+typedef struct {
+    double when, total, queue, connect, upstream;
+    const char *service, *method, *target, *client;
+    Py_ssize_t service_len, method_len, target_len, client_len;
+    long long status, bytes_in, bytes_out;
+    int woke;
+    int plain; /* service and client need no escaping (a validated name, an address): copied as they are */
+    /* optional, made once by the caller: `,"service":"NAME","method":"` and `,"client":"ADDR"}\n` */
+    const char *service_text, *client_text;
+    Py_ssize_t service_text_len, client_text_len;
+} AccessLine;
+
+#define ACCESS_FLUSH_BYTES (16 * 1024) /* a batch goes to the writer thread at this size: it stays in the CPU's cache */
+#define ACCESS_FIXED_BYTES 512 /* a line's template and numbers; its strings are added to this */
+
+/* The most bytes a line takes, then the line written from p (NULL: it outgrew that: a bug). */
+static inline Py_ssize_t
+wg_access_room(const AccessLine *l)
+{
+    return ACCESS_FIXED_BYTES + 6 * (l->service_len + l->method_len + l->target_len + l->client_len);
+}
+char *wg_access_format(char *p, const char *limit, const AccessLine *l);
+/* The line appended to a bytearray; its new length, or -1 with an exception. */
+Py_ssize_t wg_access_line(PyObject *buffer, const AccessLine *l);
+
+/* _access.c: a line appended to an AccessLogBase (0, or -1 with an exception); whether o is one. */
+extern PyTypeObject wg_AccessLogType;
+int wg_access_append(PyObject *log, const AccessLine *line);
+int wg_access_log_check(PyObject *o);
+double wg_access_wall_offset(PyObject *log); /* perf_counter() + it = the wall clock */
 
 /* The board's warm-path operations (slot and worker already known to be in range). */
 int wg_board_admit(BoardObject *board, Py_ssize_t slot, Py_ssize_t worker);

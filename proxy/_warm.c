@@ -21,8 +21,6 @@ static const double BUCKETS[] = {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025
                                  0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0};
 #define NBUCKETS ((int)(sizeof(BUCKETS) / sizeof(BUCKETS[0])))
 
-#define ACCESS_FLUSH_BYTES (16 * 1024) /* metrics.ACCESS_FLUSH_BYTES */
-
 /* Requests sent upstream and responses answered by the warm path in this process (warm_counts()). */
 static unsigned long long warm_requests, warm_responses;
 
@@ -178,6 +176,216 @@ static PyTypeObject HistogramType = {
     .tp_getset = histogram_getset,
 };
 
+/* ---- StatusCounts: requests per status code, a mapping (ServiceStats.codes) counted in C ---- */
+
+#define STATUS_MIN 100
+#define STATUS_MAX 599 /* RFC 9110 section 15: three digits, 1xx to 5xx */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned long long counts[STATUS_MAX - STATUS_MIN + 1];
+} StatusCounts;
+
+static PyTypeObject StatusCountsType;
+
+static int
+status_index(PyObject *key, int missing_ok)
+{
+    long code = PyLong_Check(key) ? PyLong_AsLong(key) : -1;
+    if (code == -1 && PyErr_Occurred()) return -2;
+    if (code < STATUS_MIN || code > STATUS_MAX) {
+        if (missing_ok) return -1;
+        if (PyLong_Check(key)) PyErr_Format(PyExc_KeyError, "%ld is not a status code (100-599)", code);
+        else PyErr_SetString(PyExc_TypeError, "status codes are int");
+        return -2;
+    }
+    return (int)(code - STATUS_MIN);
+}
+
+static PyObject *
+counts_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "StatusCounts() takes no arguments");
+        return NULL;
+    }
+    return type->tp_alloc(type, 0);
+}
+
+static Py_ssize_t
+counts_len(StatusCounts *self)
+{
+    Py_ssize_t n = 0;
+    for (int i = 0; i <= STATUS_MAX - STATUS_MIN; i++) n += self->counts[i] != 0;
+    return n;
+}
+
+static PyObject *
+counts_subscript(StatusCounts *self, PyObject *key)
+{
+    int i = status_index(key, 1);
+    if (i == -2) return NULL;
+    if (i < 0 || !self->counts[i]) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(self->counts[i]);
+}
+
+static int
+counts_ass_subscript(StatusCounts *self, PyObject *key, PyObject *value)
+{
+    int i = status_index(key, 0);
+    if (i < 0) return -1;
+    if (!value) {
+        if (!self->counts[i]) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            return -1;
+        }
+        self->counts[i] = 0;
+        return 0;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(value);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    self->counts[i] = n;
+    return 0;
+}
+
+static int
+counts_contains(StatusCounts *self, PyObject *key)
+{
+    int i = status_index(key, 1);
+    if (i == -2) {
+        PyErr_Clear();
+        return 0;
+    }
+    return i >= 0 && self->counts[i] != 0;
+}
+
+/* 0: keys, 1: values, 2: items; codes ascending. */
+static PyObject *
+counts_list(StatusCounts *self, int what)
+{
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    for (int i = 0; i <= STATUS_MAX - STATUS_MIN; i++) {
+        if (!self->counts[i]) continue;
+        PyObject *item = what == 0 ? PyLong_FromLong(i + STATUS_MIN)
+                         : what == 1 ? PyLong_FromUnsignedLongLong(self->counts[i])
+                         : Py_BuildValue("(lK)", (long)(i + STATUS_MIN), self->counts[i]);
+        if (!item || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+static PyObject *counts_keys(StatusCounts *self, PyObject *unused) { return counts_list(self, 0); }
+static PyObject *counts_values(StatusCounts *self, PyObject *unused) { return counts_list(self, 1); }
+static PyObject *counts_items(StatusCounts *self, PyObject *unused) { return counts_list(self, 2); }
+
+static PyObject *
+counts_iter(StatusCounts *self)
+{
+    PyObject *keys = counts_list(self, 0);
+    if (!keys) return NULL;
+    PyObject *it = PyObject_GetIter(keys);
+    Py_DECREF(keys);
+    return it;
+}
+
+static PyObject *
+counts_get(StatusCounts *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(code, default=None)");
+        return NULL;
+    }
+    int i = status_index(args[0], 1);
+    if (i == -2) return NULL;
+    if (i < 0 || !self->counts[i]) return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    return PyLong_FromUnsignedLongLong(self->counts[i]);
+}
+
+static PyObject *
+counts_as_dict(StatusCounts *self)
+{
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (int i = 0; i <= STATUS_MAX - STATUS_MIN; i++) {
+        if (!self->counts[i]) continue;
+        PyObject *k = PyLong_FromLong(i + STATUS_MIN), *v = PyLong_FromUnsignedLongLong(self->counts[i]);
+        int r = (k && v) ? PyDict_SetItem(d, k, v) : -1;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (r < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
+static PyObject *
+counts_richcompare(StatusCounts *self, PyObject *other, int op)
+{
+    if (op != Py_EQ && op != Py_NE) Py_RETURN_NOTIMPLEMENTED;
+    PyObject *mine = counts_as_dict(self);
+    if (!mine) return NULL;
+    PyObject *theirs = PyObject_TypeCheck(other, &StatusCountsType) ? counts_as_dict((StatusCounts *)other)
+                                                                     : Py_NewRef(other);
+    PyObject *r = theirs ? PyObject_RichCompare(mine, theirs, op) : NULL;
+    Py_DECREF(mine);
+    Py_XDECREF(theirs);
+    return r;
+}
+
+static PyObject *
+counts_repr(StatusCounts *self)
+{
+    PyObject *d = counts_as_dict(self);
+    if (!d) return NULL;
+    PyObject *r = PyUnicode_FromFormat("StatusCounts(%R)", d);
+    Py_DECREF(d);
+    return r;
+}
+
+static PyMappingMethods counts_mapping = {
+    .mp_length = (lenfunc)counts_len,
+    .mp_subscript = (binaryfunc)counts_subscript,
+    .mp_ass_subscript = (objobjargproc)counts_ass_subscript,
+};
+
+static PySequenceMethods counts_sequence = {
+    .sq_contains = (objobjproc)counts_contains,
+};
+
+static PyMethodDef counts_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))counts_get, METH_FASTCALL, "get(code, default=None)"},
+    {"keys", (PyCFunction)counts_keys, METH_NOARGS, "codes with a count, ascending"},
+    {"values", (PyCFunction)counts_values, METH_NOARGS, "their counts"},
+    {"items", (PyCFunction)counts_items, METH_NOARGS, "(code, count), codes ascending"},
+    {NULL}};
+
+static PyTypeObject StatusCountsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.StatusCounts",
+    .tp_basicsize = sizeof(StatusCounts),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Requests per status code (100-599), a mapping as a dict of counts is, kept in a C array "
+              "(the warm path counts a request with one increment).",
+    .tp_new = counts_new,
+    .tp_as_mapping = &counts_mapping,
+    .tp_as_sequence = &counts_sequence,
+    .tp_iter = (getiterfunc)counts_iter,
+    .tp_methods = counts_methods,
+    .tp_richcompare = (richcmpfunc)counts_richcompare,
+    .tp_repr = (reprfunc)counts_repr,
+};
+
 /* ---- WarmLease: a granted lease on one gate's slot, shared by every request it admits ---- */
 
 typedef struct {
@@ -288,6 +496,9 @@ typedef struct {
     PyObject *warm;     /* the gate's WarmLease, taken when service is set; NULL: no warm path */
     PyObject *codes;    /* stats.codes and its histograms, taken when stats is set */
     PyObject *duration, *upstream, *queue, *connect;
+    char access_text[96]; /* `,"service":"NAME","method":"` for the access log, once (0 bytes: not yet) */
+    Py_ssize_t access_text_len;
+    PyObject *access_text_for; /* the name_bytes it was made from (compared, never dereferenced) */
 } RouteBase;
 
 static PyTypeObject RouteBaseType;
@@ -360,7 +571,7 @@ route_set_stats(RouteBase *self, PyObject *value, void *closure)
             for (int i = 0; i < 4; i++) Py_XDECREF(h[i]);
             return -1;
         }
-        int usable = codes && PyDict_CheckExact(codes);
+        int usable = codes && PyObject_TypeCheck(codes, &StatusCountsType);
         for (int i = 0; i < 4; i++) usable = usable && h[i] && PyObject_TypeCheck(h[i], &HistogramType);
         if (!usable) {  /* stats the warm path cannot write: it leaves this route to Python */
             Py_CLEAR(codes);
@@ -404,12 +615,137 @@ static PyTypeObject RouteBaseType = {
     .tp_getset = route_getset,
 };
 
+/* ---- ServerBase and PoolBase: the fields of proxy/server.py's ProxyServer and proxy/upstream.py's
+ * UpstreamPool that the warm path reads ---- */
+
+typedef struct {
+    PyObject_HEAD
+    int draining, measure, server_timing, warm;
+    PyObject *access_log;
+    int access_in_c;  /* access_log is an AccessLogBase: lines go to it without a Python call */
+} ServerBase;
+
+static PyTypeObject ServerBaseType;
+
+static int
+server_traverse(ServerBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->access_log);
+    return 0;
+}
+
+static int
+server_clear(ServerBase *self)
+{
+    Py_CLEAR(self->access_log);
+    return 0;
+}
+
+static void
+server_dealloc(ServerBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    server_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef server_members[] = {
+    {"draining", T_INT, offsetof(ServerBase, draining), 0, "no new connections; busy ones close after their response"},
+    {"measure", T_INT, offsetof(ServerBase, measure), 0, "[metrics] enabled"},
+    {"server_timing", T_INT, offsetof(ServerBase, server_timing), 0, "a Server-Timing header on responses"},
+    {"warm", T_INT, offsetof(ServerBase, warm), 0, "new connections may take the warm path"},
+    {NULL}};
+
+static PyObject *
+server_get_access_log(ServerBase *self, void *closure)
+{
+    return Py_NewRef(self->access_log ? self->access_log : Py_None);
+}
+
+static int
+server_set_access_log(ServerBase *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->access_log, Py_XNewRef(value));
+    self->access_in_c = value && value != Py_None && wg_access_log_check(value);
+    return 0;
+}
+
+static PyGetSetDef server_getset[] = {
+    {"access_log", (getter)server_get_access_log, (setter)server_set_access_log, "an AccessLog, or None", NULL},
+    {NULL}};
+
+static PyTypeObject ServerBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.ServerBase",
+    .tp_basicsize = sizeof(ServerBase),
+    .tp_dealloc = (destructor)server_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The proxy server's fields that every warm exchange reads.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)server_traverse,
+    .tp_clear = (inquiry)server_clear,
+    .tp_members = server_members,
+    .tp_getset = server_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *idle, *waiters;
+    Py_ssize_t max_idle;
+} PoolBase;
+
+static PyTypeObject PoolBaseType;
+
+static int
+pool_traverse(PoolBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->idle);
+    Py_VISIT(self->waiters);
+    return 0;
+}
+
+static int
+pool_clear(PoolBase *self)
+{
+    Py_CLEAR(self->idle);
+    Py_CLEAR(self->waiters);
+    return 0;
+}
+
+static void
+pool_dealloc(PoolBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    pool_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef pool_members[] = {
+    {"idle", T_OBJECT, offsetof(PoolBase, idle), 0, "idle connections, the warmest last"},
+    {"waiters", T_OBJECT, offsetof(PoolBase, waiters), 0, "exchanges waiting for a connection"},
+    {"max_idle", T_PYSSIZET, offsetof(PoolBase, max_idle), 0, "idle connections kept at most"},
+    {NULL}};
+
+static PyTypeObject PoolBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.PoolBase",
+    .tp_basicsize = sizeof(PoolBase),
+    .tp_dealloc = (destructor)pool_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "An upstream pool's fields that the warm path takes connections from and gives them back to.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)pool_traverse,
+    .tp_clear = (inquiry)pool_clear,
+    .tp_members = pool_members,
+};
+
 /* ---- UpstreamBase and ClientBase: the protocols' fields ---- */
 
 typedef struct {
     PyObject_HEAD
     PyObject *pool, *transport, *owner;
     int reused, closed, reading_paused;
+    PyObject *write, *write_for;  /* transport.write, bound once (write_to) */
 } UpstreamBase;
 
 typedef struct {
@@ -440,6 +776,10 @@ typedef struct {
     double t0, t_held, t_connect, t_sent, t_first, queue_s, connect_s;
     int status_sent;
     long long bytes_out;
+    PyObject *write, *write_for;  /* transport.write, bound once (write_to) */
+    char access_text[64]; /* `,"client":"ADDR"}\n` for the access log, once (0 bytes: not yet) */
+    Py_ssize_t access_text_len;
+    PyObject *access_text_for; /* the client_addr it was made from (compared, never dereferenced) */
     /* the limits the warm path reads, copied by _warm_limits() from limits */
     Py_ssize_t max_head_size, max_body_size;
     double upstream_timeout, keepalive_timeout, send_timeout;
@@ -450,7 +790,7 @@ static PyTypeObject ClientBaseType, UpstreamBaseType;
 
 #define CLIENT_OBJECTS(X) X(server) X(proto) X(limits) X(loop) X(port_router) X(exact_hosts) X(transport) \
     X(client_addr) X(client_host) X(buf) X(req) X(route) X(req_scanner) X(up_head) X(pending) X(upstream) \
-    X(lease) X(connect_task) X(pool_of_task) X(resp) X(rbuf) X(resp_scanner)
+    X(lease) X(connect_task) X(pool_of_task) X(resp) X(rbuf) X(resp_scanner) X(write)
 
 static int
 client_traverse(ClientBase *self, visitproc visit, void *arg)
@@ -484,6 +824,7 @@ upstream_traverse(UpstreamBase *self, visitproc visit, void *arg)
     Py_VISIT(self->pool);
     Py_VISIT(self->transport);
     Py_VISIT(self->owner);
+    Py_VISIT(self->write);
     return 0;
 }
 
@@ -493,6 +834,7 @@ upstream_clear(UpstreamBase *self)
     Py_CLEAR(self->pool);
     Py_CLEAR(self->transport);
     Py_CLEAR(self->owner);
+    Py_CLEAR(self->write);
     return 0;
 }
 
@@ -506,19 +848,23 @@ upstream_dealloc(UpstreamBase *self)
 
 /* Interned names. */
 static PyObject *str_write, *str_slow, *str_upstream_data, *str_close, *str_give_back, *str_release, *str_flush,
-    *str_draining, *str_measure, *str_server_timing, *str_access_log, *str_buffer, *str_lines, *str_wall_offset,
-    *str_idle, *str_waiters, *str_max_idle, *str_after_response, *str_route, *str_max_head_size,
+    *str_buffer, *str_lines, *str_wall_offset, *str_after_response, *str_route, *str_max_head_size,
     *str_max_body_size, *str_upstream_timeout, *str_keepalive_timeout, *str_send_timeout;
 
-/* An attribute that is true or not; -1 with an exception. */
+/* transport.write, bound once per connection: *cache holds it, *cached_for the transport it was
+ * bound to (compared, never dereferenced: a connection keeps its transport for its life). */
 static int
-attr_true(PyObject *obj, PyObject *name)
+write_to(PyObject *transport, PyObject **cache, PyObject **cached_for, PyObject *data)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (!v) return -1;
-    int r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
+    if (!*cache || *cached_for != transport) {
+        Py_XSETREF(*cache, PyObject_GetAttr(transport, str_write));
+        if (!*cache) return -1;
+        *cached_for = transport;
+    }
+    PyObject *res = PyObject_CallOneArg(*cache, data);
+    if (!res) return -1;
+    Py_DECREF(res);
+    return 0;
 }
 
 /* ---- the request: client bytes to the upstream write ---- */
@@ -536,7 +882,7 @@ warm_request(ClientBase *self, PyObject *data, PyObject **head_out)
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     double now = now_seconds();
     self->t0 = now;
-    PyObject *parsed = wg_parse_request(b, n, 0, self->max_head_size);
+    PyObject *parsed = wg_parse_request(b, n, 0, self->max_head_size, data);
     if (!parsed) {  /* a bad head: the Python path parses it again and answers its 4xx */
         PyErr_Clear();
         return 0;
@@ -575,16 +921,13 @@ warm_request(ClientBase *self, PyObject *data, PyObject **head_out)
     }
     RouteBase *r = (RouteBase *)route;
     WarmLease *lease = (WarmLease *)r->warm;
-    if (!lease || !r->pool || !r->codes || (r->wait_page_after && r->wait_page_after != Py_None)) {
+    if (!lease || !r->pool || !PyObject_TypeCheck(r->pool, &PoolBaseType) || !r->codes ||
+        (r->wait_page_after && r->wait_page_after != Py_None) || !((PoolBase *)r->pool)->idle) {
         Py_DECREF(route);
         return 0;
     }
     /* an idle pooled connection, looked at before the admission so that a miss costs nothing */
-    PyObject *idle = PyObject_GetAttr(r->pool, str_idle);
-    if (!idle) {
-        Py_DECREF(route);
-        return -1;
-    }
+    PyObject *idle = Py_NewRef(((PoolBase *)r->pool)->idle);
     UpstreamBase *conn = NULL;
     if (PyList_CheckExact(idle)) {
         while (PyList_GET_SIZE(idle)) {
@@ -662,10 +1005,9 @@ warm_request(ClientBase *self, PyObject *data, PyObject **head_out)
     self->req_body_done = 1;
     self->state = S_EXCHANGE;
     self->deadline = now + self->upstream_timeout;
-    PyObject *res = PyObject_CallMethodOneArg(conn->transport, str_write, out);
+    int wrote = write_to(conn->transport, &conn->write, &conn->write_for, out);
     Py_DECREF(out);
-    if (!res) return -1;
-    Py_DECREF(res);
+    if (wrote < 0) return -1;
     warm_requests++;
     return 1;
 
@@ -701,31 +1043,12 @@ give_back(UpstreamBase *conn)
     Py_CLEAR(conn->owner);
     if (conn->closed) return 0;
     PyObject *pool = conn->pool;
-    PyObject *waiters = PyObject_GetAttr(pool, str_waiters);
-    if (!waiters) return -1;
-    Py_ssize_t waiting = PyObject_Length(waiters);
-    Py_DECREF(waiters);
-    if (waiting < 0) return -1;
-    PyObject *idle = waiting ? NULL : PyObject_GetAttr(pool, str_idle);
-    PyObject *max_idle = waiting ? NULL : PyObject_GetAttr(pool, str_max_idle);
-    int inline_ok = idle && max_idle && PyList_CheckExact(idle) && PyLong_Check(max_idle) && !conn->reading_paused;
-    if (inline_ok) {
-        Py_ssize_t limit = PyLong_AsSsize_t(max_idle);
-        if (limit == -1 && PyErr_Occurred()) {
-            Py_DECREF(idle);
-            Py_DECREF(max_idle);
-            return -1;
-        }
-        int r = 0;
-        if (PyList_GET_SIZE(idle) < limit) r = PyList_Append(idle, (PyObject *)conn);
-        else inline_ok = 0;  /* full: the pool closes it */
-        Py_DECREF(idle);
-        Py_DECREF(max_idle);
-        if (inline_ok) return r;
-    } else {
-        Py_XDECREF(idle);
-        Py_XDECREF(max_idle);
-        if (PyErr_Occurred()) return -1;
+    if (pool && PyObject_TypeCheck(pool, &PoolBaseType) && !conn->reading_paused) {
+        PoolBase *p = (PoolBase *)pool;
+        Py_ssize_t waiting = p->waiters ? PyObject_Length(p->waiters) : 0;
+        if (waiting < 0) return -1;
+        if (!waiting && p->idle && PyList_CheckExact(p->idle) && PyList_GET_SIZE(p->idle) < p->max_idle)
+            return PyList_Append(p->idle, (PyObject *)conn);
     }
     PyObject *res = PyObject_CallMethodOneArg(pool, str_give_back, (PyObject *)conn);
     if (!res) return -1;
@@ -737,79 +1060,87 @@ give_back(UpstreamBase *conn)
 static int
 record(ClientBase *self, RouteBase *route, RequestHead *req, double end)
 {
-    PyObject *server = self->server;
+    ServerBase *server = (ServerBase *)self->server;  /* a ServerBase: _warm_limits made sure */
     int status = self->status_sent ? self->status_sent : 502;
     double total = self->t0 ? end - self->t0 : 0.0;
     double upstream = (self->t_first && self->t_sent) ? self->t_first - self->t_sent : 0.0;
-    int measure = attr_true(server, str_measure);
-    if (measure < 0) return -1;
-    if (measure) {
-        PyObject *code = PyLong_FromLong(status);
-        if (!code) return -1;
-        PyObject *old = PyDict_GetItemWithError(route->codes, code);
-        if (!old && PyErr_Occurred()) {
-            Py_DECREF(code);
-            return -1;
-        }
-        long long count = old ? PyLong_AsLongLong(old) : 0;
-        PyObject *n = PyLong_FromLongLong(count + 1);
-        int r = n ? PyDict_SetItem(route->codes, code, n) : -1;
-        Py_XDECREF(n);
-        Py_DECREF(code);
-        if (r < 0) return -1;
+    if (server->measure) {
+        if (status >= STATUS_MIN && status <= STATUS_MAX) ((StatusCounts *)route->codes)->counts[status - STATUS_MIN]++;
         histogram_add((Histogram *)route->duration, total);
         if (upstream) histogram_add((Histogram *)route->upstream, upstream);
         if (self->t_held) histogram_add((Histogram *)route->queue, self->queue_s);
         if (self->connect_s) histogram_add((Histogram *)route->connect, self->connect_s);
     }
-    PyObject *access = PyObject_GetAttr(server, str_access_log);
-    if (!access) return -1;
-    if (access == Py_None) {
-        Py_DECREF(access);
-        return 0;
+    PyObject *access = server->access_log;
+    if (!access || access == Py_None) return 0;
+    const char *raw = PyBytes_AS_STRING(req->raw);
+    AccessLine line = {.total = total, .queue = self->queue_s, .connect = self->connect_s, .upstream = upstream,
+                       .method = raw + req->lead, .method_len = req->method_len,
+                       .target = raw + req->target.off, .target_len = req->target.len,
+                       .client = "", .client_len = 0, .status = status,
+                       .bytes_in = req->length + self->req_body_seen, .bytes_out = self->bytes_out,
+                       .woke = self->t_held != 0.0, .plain = 1};
+    if (self->client_addr && PyBytes_Check(self->client_addr)) {
+        line.client = PyBytes_AS_STRING(self->client_addr);
+        line.client_len = PyBytes_GET_SIZE(self->client_addr);
     }
-    int r = -1;
-    PyObject *buffer = PyObject_GetAttr(access, str_buffer);
-    PyObject *offset = buffer ? PyObject_GetAttr(access, str_wall_offset) : NULL;
-    PyObject *lines = offset ? PyObject_GetAttr(access, str_lines) : NULL;
-    if (lines && PyByteArray_Check(buffer) && PyBytes_Check(route->name_bytes)) {
-        PyObject *one = PyLong_FromLong(1);
-        PyObject *more = one ? PyNumber_Add(lines, one) : NULL;
-        Py_XDECREF(one);
-        if (more && PyObject_SetAttr(access, str_lines, more) == 0) {
-            double wall = PyFloat_AsDouble(offset);
-            const char *raw = PyBytes_AS_STRING(req->raw);
-            const char *client = "";
-            Py_ssize_t client_len = 0;
-            if (self->client_addr && PyBytes_Check(self->client_addr)) {
-                client = PyBytes_AS_STRING(self->client_addr);
-                client_len = PyBytes_GET_SIZE(self->client_addr);
-            }
-            if (!(wall == -1.0 && PyErr_Occurred())) {
-                Py_ssize_t size = wg_access_line(
-                    buffer, end + wall, PyBytes_AS_STRING(route->name_bytes), PyBytes_GET_SIZE(route->name_bytes),
-                    raw + req->lead, req->method_len, raw + req->target.off, req->target.len, status,
-                    req->length + self->req_body_seen, self->bytes_out, total, self->queue_s, self->connect_s,
-                    upstream, self->t_held != 0.0, client, client_len);
-                if (size >= 0) {
-                    r = 0;
-                    if (size > ACCESS_FLUSH_BYTES) {
-                        PyObject *res = PyObject_CallMethodNoArgs(access, str_flush);
-                        if (res) Py_DECREF(res);
-                        else r = -1;
-                    }
-                }
-            }
+    if (route->name_bytes && PyBytes_Check(route->name_bytes)) {
+        line.service = PyBytes_AS_STRING(route->name_bytes);
+        line.service_len = PyBytes_GET_SIZE(route->name_bytes);
+    } else {
+        line.service = "";
+        line.service_len = 0;
+    }
+    /* The parts of the line that are the route's and the connection's, made once (a name and an
+       address need no escaping: copied between fixed text). */
+    if (route->access_text_for != route->name_bytes) {
+        static const char a[] = ",\"service\":\"", b[] = "\",\"method\":\"";
+        Py_ssize_t n = (Py_ssize_t)sizeof(a) - 1 + line.service_len + (Py_ssize_t)sizeof(b) - 1;
+        route->access_text_len = 0;
+        if (n <= (Py_ssize_t)sizeof(route->access_text)) {
+            memcpy(route->access_text, a, sizeof(a) - 1);
+            memcpy(route->access_text + sizeof(a) - 1, line.service, (size_t)line.service_len);
+            memcpy(route->access_text + sizeof(a) - 1 + line.service_len, b, sizeof(b) - 1);
+            route->access_text_len = n;
         }
-        Py_XDECREF(more);
-    } else if (lines) {
-        r = 0;  /* not what the warm path writes: nothing logged here (never the case in wakegate) */
+        route->access_text_for = route->name_bytes;
     }
-    Py_XDECREF(lines);
+    if (self->access_text_for != self->client_addr) {
+        static const char a[] = ",\"client\":\"", b[] = "\"}\n";
+        Py_ssize_t n = (Py_ssize_t)sizeof(a) - 1 + line.client_len + (Py_ssize_t)sizeof(b) - 1;
+        self->access_text_len = 0;
+        if (n <= (Py_ssize_t)sizeof(self->access_text)) {
+            memcpy(self->access_text, a, sizeof(a) - 1);
+            memcpy(self->access_text + sizeof(a) - 1, line.client, (size_t)line.client_len);
+            memcpy(self->access_text + sizeof(a) - 1 + line.client_len, b, sizeof(b) - 1);
+            self->access_text_len = n;
+        }
+        self->access_text_for = self->client_addr;
+    }
+    if (route->access_text_len) {
+        line.service_text = route->access_text;
+        line.service_text_len = route->access_text_len;
+    }
+    if (self->access_text_len) {
+        line.client_text = self->access_text;
+        line.client_text_len = self->access_text_len;
+    }
+    if (server->access_in_c) {
+        line.when = end + wg_access_wall_offset(access);
+        return wg_access_append(access, &line);
+    }
+    /* another kind of log (the twin's, in a test): its own append, through Python */
+    PyObject *offset = PyObject_GetAttr(access, str_wall_offset);
+    double wall = offset ? PyFloat_AsDouble(offset) : -1.0;
     Py_XDECREF(offset);
-    Py_XDECREF(buffer);
-    Py_DECREF(access);
-    return r;
+    if (wall == -1.0 && PyErr_Occurred()) return -1;
+    PyObject *res = PyObject_CallMethod(access, "append", "dOy#y#LLLddddiO", end + wall, route->name_bytes,
+                                        line.method, line.method_len, line.target, line.target_len, line.status,
+                                        line.bytes_in, line.bytes_out, total, self->queue_s, self->connect_s,
+                                        upstream, line.woke, self->client_addr);
+    if (!res) return -1;
+    Py_DECREF(res);
+    return 0;
 }
 
 /* _finish: the response is through. Record it, give the connection back (give: its response ended
@@ -849,8 +1180,8 @@ warm_finish(UpstreamBase *conn, ClientBase *c, RequestHead *req, RouteBase *rout
         }
         Py_DECREF(lease);
     }
-    int draining = failed ? 0 : attr_true(c->server, str_draining);
-    if (failed || draining < 0) {
+    int draining = ((ServerBase *)c->server)->draining;
+    if (failed) {
         Py_DECREF(c);
         return -1;
     }
@@ -888,10 +1219,7 @@ warm_exchange(UpstreamBase *conn, ClientBase *c, RequestHead **req, RouteBase **
 static int
 client_write(ClientBase *c, PyObject *out)
 {
-    PyObject *res = PyObject_CallMethodOneArg(c->transport, str_write, out);
-    if (!res) return -1;
-    Py_DECREF(res);
-    return 0;
+    return write_to(c->transport, &c->write, &c->write_for, out);
 }
 
 /* A response head (and body) in data: 1 handled (written; finished when its body is whole), 0 not the
@@ -905,7 +1233,7 @@ warm_response(UpstreamBase *conn, ClientBase *c, PyObject *data)
     const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     double now = now_seconds();
-    PyObject *parsed = wg_parse_response(b, n, 0, c->max_head_size, req->is_head);
+    PyObject *parsed = wg_parse_response(b, n, 0, c->max_head_size, req->is_head, data);
     if (!parsed) {
         PyErr_Clear();
         return 0;
@@ -935,12 +1263,8 @@ warm_response(UpstreamBase *conn, ClientBase *c, PyObject *data)
     }
 
     c->t_first = now;
-    int draining = attr_true(c->server, str_draining);
-    int timing = draining < 0 ? -1 : attr_true(c->server, str_server_timing);
-    if (timing < 0) {
-        Py_DECREF(parsed);
-        return -1;
-    }
+    int draining = ((ServerBase *)c->server)->draining;
+    int timing = ((ServerBase *)c->server)->server_timing;
     int keep = req->keep_alive && !draining;
     char extra[160];
     int extra_len = 0;
@@ -1045,6 +1369,7 @@ client_warm_limits(ClientBase *self, PyObject *const *args, Py_ssize_t nargs)
     }
     int warm = PyObject_IsTrue(args[0]);
     if (warm < 0) return NULL;
+    if (!self->server || !PyObject_TypeCheck(self->server, &ServerBaseType)) warm = 0;  /* not our server */
     PyObject *limits = self->limits;
     if (!limits) {
         PyErr_SetString(PyExc_AttributeError, "_warm_limits(): set limits first");
@@ -1159,10 +1484,8 @@ wg_warm_exec(PyObject *m)
         struct { PyObject **slot; const char *name; } names[] = {
             {&str_write, "write"}, {&str_slow, "_data_received_slow"}, {&str_upstream_data, "upstream_data"},
             {&str_close, "close"}, {&str_give_back, "give_back"}, {&str_release, "release"}, {&str_flush, "flush"},
-            {&str_draining, "draining"}, {&str_measure, "measure"}, {&str_server_timing, "server_timing"},
-            {&str_access_log, "access_log"}, {&str_buffer, "buffer"}, {&str_lines, "lines"},
-            {&str_wall_offset, "wall_offset"}, {&str_idle, "idle"}, {&str_waiters, "waiters"},
-            {&str_max_idle, "max_idle"}, {&str_after_response, "_after_response"}, {&str_route, "route"},
+            {&str_buffer, "buffer"}, {&str_lines, "lines"}, {&str_wall_offset, "wall_offset"},
+            {&str_after_response, "_after_response"}, {&str_route, "route"},
             {&str_max_head_size, "max_head_size"}, {&str_max_body_size, "max_body_size"},
             {&str_upstream_timeout, "upstream_timeout"}, {&str_keepalive_timeout, "keepalive_timeout"},
             {&str_send_timeout, "send_timeout"}, {&str_warm_lease, "warm_lease"}, {&str_codes, "codes"},
@@ -1172,6 +1495,8 @@ wg_warm_exec(PyObject *m)
             if (intern(names[i].slot, names[i].name) < 0) return -1;
     }
     if (PyType_Ready(&HistogramType) < 0 || PyType_Ready(&WarmLeaseType) < 0 || PyType_Ready(&RouteBaseType) < 0 ||
+        PyType_Ready(&StatusCountsType) < 0 ||
+        PyType_Ready(&ServerBaseType) < 0 || PyType_Ready(&PoolBaseType) < 0 ||
         PyType_Ready(&ClientBaseType) < 0 || PyType_Ready(&UpstreamBaseType) < 0)
         return -1;
     PyObject *buckets = PyTuple_New(NBUCKETS);
@@ -1191,8 +1516,11 @@ wg_warm_exec(PyObject *m)
     Py_XDECREF(states);
     if (!added ||
         PyModule_AddObjectRef(m, "Histogram", (PyObject *)&HistogramType) < 0 ||
+        PyModule_AddObjectRef(m, "StatusCounts", (PyObject *)&StatusCountsType) < 0 ||
         PyModule_AddObjectRef(m, "WarmLease", (PyObject *)&WarmLeaseType) < 0 ||
         PyModule_AddObjectRef(m, "RouteBase", (PyObject *)&RouteBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "ServerBase", (PyObject *)&ServerBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "PoolBase", (PyObject *)&PoolBaseType) < 0 ||
         PyModule_AddObjectRef(m, "ClientBase", (PyObject *)&ClientBaseType) < 0 ||
         PyModule_AddObjectRef(m, "UpstreamBase", (PyObject *)&UpstreamBaseType) < 0 ||
         PyModule_AddIntConstant(m, "ACCESS_FLUSH_BYTES", ACCESS_FLUSH_BYTES) < 0 ||

@@ -1,23 +1,21 @@
 """What the data path records per request, cheaply: counters, fixed-bucket histograms,
 and the access log. Exposition (Prometheus text) is the controller's job, at scrape time.
 
-Recording a request costs a few list and dict updates; the access log formats
-its JSON line (append_access_line, in C) into a buffer that is handed every 100 ms to a writer
-thread, which does the disk I/O, so the event loop never blocks on it.
+Recording a request adds to C histograms and status counts (proxy/_warm.c; twins in
+proxy/_native.py); the access log (proxy/_access.c) formats its JSON line into a batch that goes
+every 100 ms to a writer thread, which does the disk I/O, so the event loop never blocks on it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import select
 import stat
 import sys
-import threading
 import time
 
-from .warm import ACCESS_FLUSH_BYTES, BUCKETS, Histogram  # noqa: F401  (BUCKETS: 50 us to 30 s, DESIGN.md)
+from .warm import ACCESS_FLUSH_BYTES, BUCKETS, AccessLogBase, Histogram, StatusCounts  # noqa: F401
 
 log = logging.getLogger("wakegate.metrics")
 
@@ -56,7 +54,7 @@ class ServiceStats:
     __slots__ = ("codes", "duration", "queue", "upstream", "connect", "upstream_errors", "wasm")
 
     def __init__(self) -> None:
-        self.codes: dict[int, int] = {}
+        self.codes = StatusCounts()  # status -> requests (a dict, or its C twin that the warm path counts in)
         self.duration = Histogram()  # first byte of the head to the last byte of the response
         self.queue = Histogram()  # held for a wake
         self.upstream = Histogram()  # head sent to first response byte
@@ -134,27 +132,20 @@ _ACCESS_LINE = (
 )
 
 
-class AccessLog:
+class AccessLog(AccessLogBase):
     """One JSON line per request to a file or stdout, written by a thread, never by the loop.
 
-    The data path appends each line to ``buffer`` itself with ``append_access_line`` (C, with a
-    twin), counts it in ``lines`` and calls ``flush()`` past ACCESS_FLUSH_BYTES: callgrind counted
-    ~14,700 instructions per line for a dict through orjson, and more for a bytes template (float
-    formatting); the whole access log now costs ~5,800 per request (bench measure).
+    The data path appends each line with ``append()`` (AccessLogBase: proxy/_access.c, whose writer
+    thread needs no GIL, or its twin); the lines go to the writer past ACCESS_FLUSH_BYTES or every
+    ACCESS_FLUSH_SECONDS. callgrind counted ~14,700 instructions per line for a dict through orjson,
+    ~5,800 for the line formatted in C and handed to a Python thread; see README's Performance.
     """
 
     def __init__(self, target: str, loop, stats: ProxyStats) -> None:
+        super().__init__()
         self.target = target
         self.loop = loop
         self.stats = stats
-        self.buffer = bytearray()
-        self.lines = 0
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.queued_lines = 0
-        self._lock = threading.Lock()
-        self._names: dict[str, bytes] = {}  # service name -> its JSON string
-        # monotonic -> wall clock, taken once: a request costs no time.time() call
-        self.wall_offset = time.time() - time.perf_counter()
         if target == "-":
             self.fd = sys.stdout.fileno()
         else:
@@ -165,61 +156,27 @@ class AccessLog:
         # Every worker process appends to the same file: each write() carries whole lines, and
         # O_APPEND makes each one land in one piece at the end (nginx's workers share a log so). A
         # pipe keeps a write whole only up to PIPE_BUF bytes, so there writes are cut at lines.
-        self.piece = None if stat.S_ISREG(os.fstat(self.fd).st_mode) else select.PIPE_BUF
-        self.thread = threading.Thread(target=self._write, name="wakegate-access-log", daemon=True)
-        self.thread.start()
+        piece = 0 if stat.S_ISREG(os.fstat(self.fd).st_mode) else select.PIPE_BUF
+        # monotonic -> wall clock, taken once: a request costs no time.time() call
+        self._open(self.fd, piece, time.time() - time.perf_counter(), ACCESS_MAX_PENDING)
         self._timer = loop.call_later(ACCESS_FLUSH_SECONDS, self._flush)
 
     def _flush(self) -> None:
         self._timer = self.loop.call_later(ACCESS_FLUSH_SECONDS, self._flush)
         self.flush()
+        if self.trouble:
+            self._account()
 
-    def flush(self) -> None:
-        """Hand the lines so far to the writer thread (or drop them if the disk is far behind)."""
-        if not self.lines:
-            return
-        data, n = bytes(self.buffer), self.lines
-        self.buffer.clear()
-        self.lines = 0
-        with self._lock:
-            if self.queued_lines > ACCESS_MAX_PENDING:
-                self.stats.access_dropped += n
-                return
-            self.queued_lines += n
-        self.queue.put((n, data))
-
-    def _write(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                break
-            n, data = item
-            try:
-                self._write_lines(data)
-            except OSError as exc:  # a full disk must not take the proxy down
-                log.warning("access log: %s", exc)
-            with self._lock:
-                self.queued_lines -= n
-
-    def _write_lines(self, data: bytes) -> None:
-        """Write whole lines, each write() ending at a line's end."""
-        view = memoryview(data)
-        while view:
-            end = len(view)
-            if self.piece is not None and end > self.piece:
-                cut = bytes(view[:self.piece]).rfind(b"\n")
-                end = cut + 1 if cut >= 0 else len(view)  # a line longer than a pipe's atom goes alone
-            written = os.write(self.fd, view[:end])
-            if written < end:  # a short write (full disk): finish the line, so the next starts clean
-                rest = view[written:end]
-                while rest:
-                    rest = rest[os.write(self.fd, rest):]
-            view = view[end:]
+    def _account(self) -> None:
+        """Count the lines dropped for a writer too far behind, and say which writes failed."""
+        self.stats.access_dropped += self.take_dropped()
+        failed, errno = self.take_errors()
+        if failed:
+            log.warning("access log %s: %d writes failed: %s", self.target, failed, os.strerror(errno))
 
     def close(self) -> None:
         self._timer.cancel()
-        self.flush()
-        self.queue.put(None)
-        self.thread.join(5)
+        super().close()
+        self._account()
         if self.target != "-":
             os.close(self.fd)

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import socket
 
-from .warm import WARM_PATH, UpstreamBase
+from .warm import WARM_PATH, PoolBase, UpstreamBase
 
 
 class UpstreamConnection(UpstreamBase, asyncio.Protocol):
@@ -100,10 +100,11 @@ class UpstreamConnection(UpstreamBase, asyncio.Protocol):
             self.pool.forget(self)
 
 
-class UpstreamPool:
+class UpstreamPool(PoolBase):
     """Connections to one address: at most ``max_idle`` idle ones kept, at most
     ``max_connections`` open at once (0: no limit); beyond that, exchanges wait
-    in arrival order for one to come back."""
+    in arrival order for one to come back. ``idle``, ``waiters`` and ``max_idle`` are PoolBase's,
+    which the warm path reads."""
 
     def __init__(self, host: str, port: int, max_idle: int, max_connections: int = 0) -> None:
         self.host = host

@@ -21,12 +21,16 @@ def _implementation():
 
 _impl = _implementation()
 ACCESS_FLUSH_BYTES = _impl.ACCESS_FLUSH_BYTES
+AccessLogBase = _impl.AccessLogBase
 BUCKETS = _impl.BUCKETS
 CLIENT_STATES = _impl.CLIENT_STATES
 WARM_PATH = _impl.WARM_PATH
 ClientBase = _impl.ClientBase
 Histogram = _impl.Histogram
+PoolBase = _impl.PoolBase
 RouteBase = _impl.RouteBase
+ServerBase = _impl.ServerBase
+StatusCounts = _impl.StatusCounts
 UpstreamBase = _impl.UpstreamBase
 WarmLease = _impl.WarmLease
 warm_counts = _impl.warm_counts
@@ -42,5 +46,5 @@ def warm_lease(board, slot: int, worker: int):
     return _native.WarmLease(board, slot, worker)
 
 
-__all__ = ["ACCESS_FLUSH_BYTES", "BUCKETS", "CLIENT_STATES", "WARM_PATH", "ClientBase", "Histogram", "RouteBase",
-           "UpstreamBase", "WarmLease", "warm_counts", "warm_lease"]
+__all__ = ["ACCESS_FLUSH_BYTES", "AccessLogBase", "BUCKETS", "CLIENT_STATES", "WARM_PATH", "ClientBase", "Histogram", "PoolBase",
+           "RouteBase", "ServerBase", "StatusCounts", "UpstreamBase", "WarmLease", "warm_counts", "warm_lease"]

@@ -325,3 +325,71 @@ scrape_configs:
     finally:
         prom.terminate()
         prom.wait(20)
+
+
+# ---- the access log's writer (proxy/_access.c and its twin) --------------------------------
+
+ACCESS_IMPLEMENTATIONS = ["proxy._native"] + ([] if os.environ.get("WAKEGATE_PUREPYTHON") else ["proxy._speedups"])
+
+
+@pytest.fixture(params=ACCESS_IMPLEMENTATIONS, ids=lambda name: name.rsplit(".", 1)[1].lstrip("_"))
+def access_base(request):
+    import importlib
+
+    return importlib.import_module(request.param).AccessLogBase
+
+
+def _line(log, i: int) -> None:
+    log.append(1700000000.0 + i, b"svc", b"GET", f"/item/{i}".encode(), 200, 10, 20, 0.001, 0.0, 0.0, 0.0005,
+               False, b"127.0.0.1")
+
+
+def test_access_lines_reach_the_file_in_order(access_base, tmp_path):
+    fd = os.open(tmp_path / "access.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    log = access_base()
+    log._open(fd, 0, 0.0, 1000)
+    for i in range(500):  # several batches of 16 KiB
+        _line(log, i)
+    log.close()
+    os.close(fd)
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert [json.loads(line)["path"] for line in lines] == [f"/item/{i}" for i in range(500)]
+    assert json.loads(lines[0])["ms"] == {"total": 1.0, "queue": 0.0, "connect": 0.0, "upstream": 0.5}
+
+
+def test_a_writer_far_behind_drops_lines_and_counts_them(access_base):
+    import select
+    import threading
+
+    read_end, write_end = os.pipe()  # nobody reads until the end: the writer blocks when the pipe is full
+    log = access_base()
+    log._open(write_end, select.PIPE_BUF, 0.0, 200)
+    for i in range(3000):
+        _line(log, i)
+        if i % 50 == 49:
+            log.flush()
+    dropped = log.take_dropped()
+    assert dropped > 0 and log.queued_lines <= 200 + 100
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
+    reader.start()
+    log.close()
+    os.close(write_end)
+    reader.join()
+    os.close(read_end)
+    lines = b"".join(chunks).splitlines()
+    assert len(lines) + dropped == 3000 and all(json.loads(line)["service"] == "svc" for line in lines)
+    assert log.take_dropped() == 0
+
+
+def test_failed_writes_are_counted_not_raised(access_base):
+    import errno
+
+    fd = os.open("/dev/full", os.O_WRONLY)
+    log = access_base()
+    log._open(fd, 0, 0.0, 1000)
+    _line(log, 0)
+    log.close()
+    os.close(fd)
+    assert log.take_errors() == (1, errno.ENOSPC)
+    assert log.take_errors()[0] == 0

@@ -208,3 +208,17 @@ def test_the_warm_path_does_what_the_python_path_does(exchange, tmp_path):
         assert responses >= 1, warm["warm"]
         if EXCHANGES[exchange][2] > 1 and exchange not in ("service closes", "pipelined"):
             assert requests >= 1, warm["warm"]
+
+
+# ---- StatusCounts ----
+
+def test_status_counts_behave_as_a_dict_of_counts(impl):
+    counts = impl.StatusCounts()
+    assert not counts and len(counts) == 0 and counts.get(200) is None and counts.get(200, 0) == 0
+    counts[200] = counts.get(200, 0) + 1
+    counts[503] = 2
+    counts[200] += 1
+    assert counts == {200: 2, 503: 2} and sorted(counts.items()) == [(200, 2), (503, 2)]
+    assert 200 in counts and 404 not in counts and sum(counts.values()) == 4 and sorted(counts) == [200, 503]
+    with pytest.raises(KeyError):
+        counts[404]

@@ -887,6 +887,62 @@ class AccessLogBase:
             view = view[end:]
 
 
+def prefix_matches(prefix: bytes, path: bytes) -> bool:
+    """"/api" matches "/api", "/api/x" and "/api?q", but not "/apix"."""
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith(b"/") or path[len(prefix)] in b"/?#"
+
+
+class PathsBase:
+    """One host's services by path prefix: (prefix, target) pairs, longest first, and a fallback."""
+
+    __slots__ = ("prefixes", "fallback")
+
+    def __init__(self) -> None:
+        self.prefixes: list = []
+        self.fallback = None
+
+    def match(self, path: bytes):
+        for prefix, target in self.prefixes:
+            if prefix_matches(prefix, path):
+                return target
+        return self.fallback
+
+
+class RouterBase:
+    """The host and path table: exact hosts and `*.suffix` wildcards, each to a target or a PathsBase,
+    and the default."""
+
+    __slots__ = ("exact", "wildcard", "default")
+
+    def __init__(self) -> None:
+        self.exact: dict = {}
+        self.wildcard: dict = {}
+        self.default = None
+
+    def route(self, host: bytes | None, path: bytes):
+        """The target for this request, the default, or None."""
+        if (host is not None and not isinstance(host, bytes)) or not isinstance(path, bytes):
+            raise TypeError("route(host, path): host is bytes or None, path is bytes")
+        if host is not None:
+            entry = self.exact.get(host)
+            if entry is not None:
+                found = entry.match(path) if isinstance(entry, PathsBase) else entry
+                if found is not None:
+                    return found
+            if self.wildcard and host:
+                dot = host.find(b".")
+                while dot >= 0:
+                    entry = self.wildcard.get(host[dot + 1:])
+                    if entry is not None:
+                        found = entry.match(path) if isinstance(entry, PathsBase) else entry
+                        if found is not None:
+                            return found
+                    dot = host.find(b".", dot + 1)
+        return self.default
+
+
 class ServerBase:
     """The proxy server's fields (proxy/server.py's ProxyServer keeps them in its instance dict)."""
 

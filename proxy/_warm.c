@@ -5,7 +5,8 @@
  * finds the connection in the state its own code would have left it: the fields are the same ones.
  *
  * The types: ClientBase and UpstreamBase (the protocols' fields and their data_received), RouteBase
- * (a route's fields), WarmLease (a granted lease that needs no object per request) and Histogram.
+ * (a route's fields), RouterBase and PathsBase (the host and path table), WarmLease (a granted lease
+ * that needs no object per request) and Histogram.
  * proxy/_native.py has their twins.
  */
 #include "_speedups.h"
@@ -615,12 +616,287 @@ static PyTypeObject RouteBaseType = {
     .tp_getset = route_getset,
 };
 
+/* ---- RouterBase and PathsBase: the host and path table (proxy/routing.py's Router and _Paths) ----
+ *
+ * exact maps a lower-case host to a target or to a PathsBase; wildcard does the same for the
+ * suffixes of `*.suffix` hosts; default takes what neither matches. A PathsBase holds (prefix,
+ * target) pairs, longest prefix first, and a fallback for the host's other paths. routing.py builds
+ * and edits the tables; route() reads them here, for the warm path and the Python path alike. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *prefixes; /* a list of (bytes, target), longest prefix first */
+    PyObject *fallback; /* the target for paths no prefix matches, or NULL */
+} PathsBase;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *exact, *wildcard; /* dicts, made with the object: bytes -> target or PathsBase */
+    PyObject *fallback;         /* `default`: the target of every other host, or NULL */
+} RouterBase;
+
+static PyTypeObject PathsBaseType, RouterBaseType;
+
+/* "/api" matches "/api", "/api/x" and "/api?q", but not "/apix" (routing.prefix_matches). */
+static int
+prefix_matches(const char *prefix, Py_ssize_t prefix_len, const char *path, Py_ssize_t path_len)
+{
+    if (path_len < prefix_len || memcmp(prefix, path, (size_t)prefix_len) != 0) return 0;
+    if (path_len == prefix_len || (prefix_len && prefix[prefix_len - 1] == '/')) return 1;
+    char next = path[prefix_len];
+    return next == '/' || next == '?' || next == '#';
+}
+
+/* The target of path in one host's entry (a target, or a PathsBase): borrowed; NULL without an
+ * exception when nothing matches. */
+static PyObject *
+entry_match(PyObject *entry, const char *path, Py_ssize_t path_len)
+{
+    if (!PyObject_TypeCheck(entry, &PathsBaseType)) return entry == Py_None ? NULL : entry;
+    PathsBase *paths = (PathsBase *)entry;
+    if (paths->prefixes) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(paths->prefixes); i++) {
+            PyObject *pair = PyList_GET_ITEM(paths->prefixes, i);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0))) {
+                PyErr_SetString(PyExc_TypeError, "a path table holds (bytes prefix, target) pairs");
+                return NULL;
+            }
+            PyObject *prefix = PyTuple_GET_ITEM(pair, 0);
+            if (prefix_matches(PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix), path, path_len))
+                return PyTuple_GET_ITEM(pair, 1);
+        }
+    }
+    return paths->fallback == Py_None ? NULL : paths->fallback;
+}
+
+/* The target for (host, path), or the default: borrowed; NULL without an exception for none. host is
+ * lower-case bytes without the port, or None. */
+static PyObject *
+router_lookup(RouterBase *r, PyObject *host, const char *path, Py_ssize_t path_len)
+{
+    if (host != Py_None && PyBytes_Check(host)) {
+        PyObject *entry = PyDict_GetItemWithError(r->exact, host), *found;
+        if (entry) {
+            found = entry_match(entry, path, path_len);
+            if (found || PyErr_Occurred()) return found;
+        } else if (PyErr_Occurred())
+            return NULL;
+        Py_ssize_t n = PyBytes_GET_SIZE(host);
+        const char *name = PyBytes_AS_STRING(host);
+        if (PyDict_GET_SIZE(r->wildcard) && n) {
+            for (const char *dot = memchr(name, '.', (size_t)n); dot; dot = memchr(dot + 1, '.', (size_t)(name + n - dot - 1))) {
+                PyObject *suffix = PyBytes_FromStringAndSize(dot + 1, name + n - dot - 1);
+                if (!suffix) return NULL;
+                entry = PyDict_GetItemWithError(r->wildcard, suffix);
+                Py_DECREF(suffix);
+                if (entry) {
+                    found = entry_match(entry, path, path_len);
+                    if (found || PyErr_Occurred()) return found;
+                } else if (PyErr_Occurred())
+                    return NULL;
+            }
+        }
+    }
+    return r->fallback == Py_None ? NULL : r->fallback;
+}
+
+static PyObject *
+router_route(RouterBase *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || (args[0] != Py_None && !PyBytes_Check(args[0])) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "route(host, path): host is bytes or None, path is bytes");
+        return NULL;
+    }
+    PyObject *found = router_lookup(self, args[0], PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]));
+    if (!found && PyErr_Occurred()) return NULL;
+    return Py_NewRef(found ? found : Py_None);
+}
+
+static PyObject *
+paths_match(PathsBase *self, PyObject *path)
+{
+    if (!PyBytes_Check(path)) {
+        PyErr_SetString(PyExc_TypeError, "match(path): path is bytes");
+        return NULL;
+    }
+    PyObject *found = entry_match((PyObject *)self, PyBytes_AS_STRING(path), PyBytes_GET_SIZE(path));
+    if (!found && PyErr_Occurred()) return NULL;
+    return Py_NewRef(found ? found : Py_None);
+}
+
+static PyObject *
+router_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    RouterBase *self = (RouterBase *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->exact = PyDict_New();
+    self->wildcard = PyDict_New();
+    if (!self->exact || !self->wildcard) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *
+paths_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    PathsBase *self = (PathsBase *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->prefixes = PyList_New(0);
+    if (!self->prefixes) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+router_traverse(RouterBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->exact); Py_VISIT(self->wildcard); Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+router_clear(RouterBase *self)
+{
+    Py_CLEAR(self->exact); Py_CLEAR(self->wildcard); Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+router_dealloc(RouterBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    router_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+paths_traverse(PathsBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->prefixes); Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+paths_clear(PathsBase *self)
+{
+    Py_CLEAR(self->prefixes); Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+paths_dealloc(PathsBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    paths_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+router_get_default(RouterBase *self, void *closure)
+{
+    return Py_NewRef(self->fallback ? self->fallback : Py_None);
+}
+
+static int
+router_set_default(RouterBase *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->fallback, value == Py_None ? NULL : Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *
+paths_get_fallback(PathsBase *self, void *closure)
+{
+    return Py_NewRef(self->fallback ? self->fallback : Py_None);
+}
+
+static int
+paths_set_fallback(PathsBase *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->fallback, value == Py_None ? NULL : Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *
+paths_get_prefixes(PathsBase *self, void *closure)
+{
+    return Py_NewRef(self->prefixes);
+}
+
+static int
+paths_set_prefixes(PathsBase *self, PyObject *value, void *closure)
+{
+    if (!value || !PyList_CheckExact(value)) {
+        PyErr_SetString(PyExc_TypeError, "prefixes is a list of (bytes prefix, target) pairs");
+        return -1;
+    }
+    Py_SETREF(self->prefixes, Py_NewRef(value));
+    return 0;
+}
+
+static PyMethodDef router_methods[] = {
+    {"route", (PyCFunction)(void (*)(void))router_route, METH_FASTCALL,
+     "route(host, path): the target for this request, the default, or None"},
+    {NULL}};
+
+static PyMemberDef router_members[] = {
+    {"exact", T_OBJECT, offsetof(RouterBase, exact), READONLY, "host -> target, or -> a path table"},
+    {"wildcard", T_OBJECT, offsetof(RouterBase, wildcard), READONLY, "suffix of *.suffix -> target or path table"},
+    {NULL}};
+
+static PyGetSetDef router_getset[] = {
+    {"default", (getter)router_get_default, (setter)router_set_default, "the target of every other host", NULL},
+    {NULL}};
+
+static PyTypeObject RouterBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.RouterBase",
+    .tp_basicsize = sizeof(RouterBase),
+    .tp_dealloc = (destructor)router_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The host and path table and its lookup; proxy/routing.py's Router fills it.",
+    .tp_new = router_new,
+    .tp_traverse = (traverseproc)router_traverse,
+    .tp_clear = (inquiry)router_clear,
+    .tp_methods = router_methods,
+    .tp_members = router_members,
+    .tp_getset = router_getset,
+};
+
+static PyMethodDef paths_methods[] = {
+    {"match", (PyCFunction)paths_match, METH_O, "match(path): the longest matching prefix's target, or the fallback"},
+    {NULL}};
+
+static PyGetSetDef paths_getset[] = {
+    {"prefixes", (getter)paths_get_prefixes, (setter)paths_set_prefixes, "(prefix, target), longest first", NULL},
+    {"fallback", (getter)paths_get_fallback, (setter)paths_set_fallback, "the target of the host's other paths", NULL},
+    {NULL}};
+
+static PyTypeObject PathsBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.PathsBase",
+    .tp_basicsize = sizeof(PathsBase),
+    .tp_dealloc = (destructor)paths_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One host's services by path prefix; proxy/routing.py's _Paths fills it.",
+    .tp_new = paths_new,
+    .tp_traverse = (traverseproc)paths_traverse,
+    .tp_clear = (inquiry)paths_clear,
+    .tp_methods = paths_methods,
+    .tp_getset = paths_getset,
+};
+
 /* ---- ServerBase and PoolBase: the fields of proxy/server.py's ProxyServer and proxy/upstream.py's
  * UpstreamPool that the warm path reads ---- */
 
 typedef struct {
     PyObject_HEAD
     int draining, measure, server_timing, warm;
+    PyObject *router; /* the host and path table: a RouterBase (a reload puts a new one here) */
     PyObject *access_log;
     int access_in_c;  /* access_log is an AccessLogBase: lines go to it without a Python call */
 } ServerBase;
@@ -630,6 +906,7 @@ static PyTypeObject ServerBaseType;
 static int
 server_traverse(ServerBase *self, visitproc visit, void *arg)
 {
+    Py_VISIT(self->router);
     Py_VISIT(self->access_log);
     return 0;
 }
@@ -637,6 +914,7 @@ server_traverse(ServerBase *self, visitproc visit, void *arg)
 static int
 server_clear(ServerBase *self)
 {
+    Py_CLEAR(self->router);
     Py_CLEAR(self->access_log);
     return 0;
 }
@@ -654,6 +932,7 @@ static PyMemberDef server_members[] = {
     {"measure", T_INT, offsetof(ServerBase, measure), 0, "[metrics] enabled"},
     {"server_timing", T_INT, offsetof(ServerBase, server_timing), 0, "a Server-Timing header on responses"},
     {"warm", T_INT, offsetof(ServerBase, warm), 0, "new connections may take the warm path"},
+    {"router", T_OBJECT, offsetof(ServerBase, router), 0, "the host and path table (proxy/routing.py's Router)"},
     {NULL}};
 
 static PyObject *
@@ -751,7 +1030,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     /* the connection */
-    PyObject *server, *proto, *limits, *loop, *port_router, *exact_hosts, *transport, *client_addr, *client_host;
+    PyObject *server, *proto, *limits, *loop, *port_router, *transport, *client_addr, *client_host;
     int state;
     PyObject *buf;
     double deadline, body_deadline;
@@ -788,7 +1067,7 @@ typedef struct {
 
 static PyTypeObject ClientBaseType, UpstreamBaseType;
 
-#define CLIENT_OBJECTS(X) X(server) X(proto) X(limits) X(loop) X(port_router) X(exact_hosts) X(transport) \
+#define CLIENT_OBJECTS(X) X(server) X(proto) X(limits) X(loop) X(port_router) X(transport) \
     X(client_addr) X(client_host) X(buf) X(req) X(route) X(req_scanner) X(up_head) X(pending) X(upstream) \
     X(lease) X(connect_task) X(pool_of_task) X(resp) X(rbuf) X(resp_scanner) X(write)
 
@@ -898,21 +1177,23 @@ warm_request(ClientBase *self, PyObject *data, PyObject **head_out)
         PyBytes_AS_STRING(h->raw)[h->path.off] != '/' || (self->max_body_size && body > self->max_body_size))
         return 0;
 
-    /* route: the exact Host (one dict lookup), or the service's own listener */
+    /* route: the host and path table, or the service's own listener */
     PyObject *route;
+    PyObject *host = wg_request_host(h);
+    if (!host) return -1;
     if (self->port_router && self->port_router != Py_None) {
-        PyObject *host = wg_request_host(h);
-        if (!host) return -1;
         route = PyObject_CallMethodObjArgs(self->port_router, str_route, host, Py_None, NULL);  /* PortRouter: path unused */
         Py_DECREF(host);
         if (!route) return -1;
     } else {
-        if (!self->exact_hosts || !PyDict_Check(self->exact_hosts)) return 0;
-        PyObject *host = wg_request_host(h);
-        if (!host) return -1;
-        route = PyDict_GetItemWithError(self->exact_hosts, host);
+        PyObject *router = ((ServerBase *)self->server)->router;
+        if (!router || !PyObject_TypeCheck(router, &RouterBaseType)) {
+            Py_DECREF(host);
+            return 0;
+        }
+        route = router_lookup((RouterBase *)router, host, PyBytes_AS_STRING(h->raw) + h->path.off, h->path.len);
         Py_DECREF(host);
-        if (!route) return PyErr_Occurred() ? -1 : 0;
+        if (!route) return PyErr_Occurred() ? -1 : 0;  /* no service: the Python path answers */
         Py_INCREF(route);
     }
     if (!PyObject_TypeCheck(route, &RouteBaseType)) {
@@ -1405,7 +1686,7 @@ static PyMethodDef client_methods[] = {
 #define DBL(name) {#name, T_DOUBLE, offsetof(ClientBase, name), 0, NULL},
 #define LL(name) {#name, T_LONGLONG, offsetof(ClientBase, name), 0, NULL},
 static PyMemberDef client_members[] = {
-    OBJ(server) OBJ(proto) OBJ(limits) OBJ(loop) OBJ(port_router) OBJ(exact_hosts) OBJ(transport) OBJ(client_addr)
+    OBJ(server) OBJ(proto) OBJ(limits) OBJ(loop) OBJ(port_router) OBJ(transport) OBJ(client_addr)
     OBJ(client_host) INT(state) OBJ(buf) DBL(deadline) DBL(body_deadline) INT(read_paused) INT(write_paused)
     OBJ(req) OBJ(route) LL(req_left) OBJ(req_scanner) INT(req_body_done) LL(req_body_seen) DBL(body_attached_at)
     LL(body_seen_at_attach) OBJ(up_head) OBJ(pending) LL(pending_size) OBJ(upstream) OBJ(lease) OBJ(connect_task)
@@ -1496,7 +1777,7 @@ wg_warm_exec(PyObject *m)
     }
     if (PyType_Ready(&HistogramType) < 0 || PyType_Ready(&WarmLeaseType) < 0 || PyType_Ready(&RouteBaseType) < 0 ||
         PyType_Ready(&StatusCountsType) < 0 ||
-        PyType_Ready(&ServerBaseType) < 0 || PyType_Ready(&PoolBaseType) < 0 ||
+        PyType_Ready(&ServerBaseType) < 0 || PyType_Ready(&RouterBaseType) < 0 || PyType_Ready(&PathsBaseType) < 0 || PyType_Ready(&PoolBaseType) < 0 ||
         PyType_Ready(&ClientBaseType) < 0 || PyType_Ready(&UpstreamBaseType) < 0)
         return -1;
     PyObject *buckets = PyTuple_New(NBUCKETS);
@@ -1520,6 +1801,8 @@ wg_warm_exec(PyObject *m)
         PyModule_AddObjectRef(m, "WarmLease", (PyObject *)&WarmLeaseType) < 0 ||
         PyModule_AddObjectRef(m, "RouteBase", (PyObject *)&RouteBaseType) < 0 ||
         PyModule_AddObjectRef(m, "ServerBase", (PyObject *)&ServerBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "RouterBase", (PyObject *)&RouterBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "PathsBase", (PyObject *)&PathsBaseType) < 0 ||
         PyModule_AddObjectRef(m, "PoolBase", (PyObject *)&PoolBaseType) < 0 ||
         PyModule_AddObjectRef(m, "ClientBase", (PyObject *)&ClientBaseType) < 0 ||
         PyModule_AddObjectRef(m, "UpstreamBase", (PyObject *)&UpstreamBaseType) < 0 ||

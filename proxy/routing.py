@@ -1,55 +1,42 @@
 """Host and path-prefix routing: from a request's host and path to its service.
 
 Exact hosts cost one dict lookup; ``*.suffix`` wildcards match any deeper name;
-path prefixes match on segment boundaries and the longest one wins.
+path prefixes match on segment boundaries and the longest one wins. The tables and the lookup
+are RouterBase's and PathsBase's (proxy/_warm.c, twins in proxy/_native.py); this module fills them.
 """
 
 from __future__ import annotations
 
 from typing import Generic, Iterable, TypeVar
 
+from ._native import prefix_matches  # noqa: F401  (the rule route() applies, in C or in the twin)
+from .warm import PathsBase, RouterBase
+
 T = TypeVar("T")
 
-_BOUNDARY = frozenset(b"/?#")
 
+class _Paths(PathsBase):
+    """The services of one host, by path prefix, longest first (match() is PathsBase's)."""
 
-def prefix_matches(prefix: bytes, path: bytes) -> bool:
-    """"/api" matches "/api", "/api/x" and "/api?q", but not "/apix"."""
-    if not path.startswith(prefix):
-        return False
-    return len(path) == len(prefix) or prefix.endswith(b"/") or path[len(prefix)] in _BOUNDARY
+    __slots__ = ()
 
-
-class _Paths(Generic[T]):
-    """The services of one host, by path prefix, longest first."""
-
-    __slots__ = ("prefixes", "fallback")
-
-    def __init__(self) -> None:
-        self.prefixes: list[tuple[bytes, T]] = []
-        self.fallback: T | None = None
-
-    def add(self, prefix: bytes, target: T) -> None:
+    def add(self, prefix: bytes, target) -> None:
         if not prefix:
             self.fallback = target
         else:
             self.prefixes.append((prefix, target))
             self.prefixes.sort(key=lambda item: -len(item[0]))
 
-    def match(self, path: bytes) -> T | None:
-        for prefix, target in self.prefixes:
-            if prefix_matches(prefix, path):
-                return target
-        return self.fallback
 
+class Router(RouterBase, Generic[T]):
+    """Maps (host, path) to a target; hosts are lower-case bytes without port. The tables are
+    RouterBase's (C, or its twin), and so is route(), which the warm path calls without Python."""
 
-class Router(Generic[T]):
-    """Maps (host, path) to a target; hosts are lower-case bytes without port."""
+    __slots__ = ()
 
     def __init__(self, default: T | None = None) -> None:
-        # exact host -> target, or -> _Paths when the host has path prefixes
-        self.exact: dict[bytes, object] = {}
-        self._wildcard: dict[bytes, object] = {}
+        super().__init__()
+        # exact host -> target, or -> _Paths when the host has path prefixes; wildcard likewise
         self.default = default
 
     def add(self, hosts: Iterable[str], paths: Iterable[str], target: T) -> None:
@@ -58,7 +45,7 @@ class Router(Generic[T]):
             host = host.lower().encode()
             table = self.exact
             if host.startswith(b"*."):
-                table, host = self._wildcard, host[2:]
+                table, host = self.wildcard, host[2:]
             entry = table.get(host)
             if not paths and entry is None:
                 table[host] = target  # the common case: one service, no paths
@@ -73,7 +60,7 @@ class Router(Generic[T]):
 
     def remove(self, target: T) -> None:
         """Forget every host and path that leads to target (a service that went away)."""
-        for table in (self.exact, self._wildcard):
+        for table in (self.exact, self.wildcard):
             for host, entry in list(table.items()):
                 if entry is target:
                     del table[host]
@@ -86,25 +73,6 @@ class Router(Generic[T]):
         if self.default is target:
             self.default = None
 
-    def route(self, host: bytes | None, path: bytes) -> T | None:
-        """The target for this request, the default, or None."""
-        if host is not None:
-            entry = self.exact.get(host)
-            if entry is not None:
-                found = entry.match(path) if type(entry) is _Paths else entry
-                if found is not None:
-                    return found
-            if self._wildcard and host:
-                dot = host.find(b".")
-                while dot >= 0:
-                    entry = self._wildcard.get(host[dot + 1 :])
-                    if entry is not None:
-                        found = entry.match(path) if type(entry) is _Paths else entry
-                        if found is not None:
-                            return found
-                    dot = host.find(b".", dot + 1)
-        return self.default
-
 
 class PortRouter(Generic[T]):
     """A listener of its own for one service, or for replicas that share a port (pods of one app on
@@ -114,8 +82,6 @@ class PortRouter(Generic[T]):
     that a burst wakes one replica rather than every one of them. ``members`` is changed in place
     by a reload, so connections already open on the listener see the new members.
     """
-
-    exact: dict = {}  # no Host lookups: ClientConnection's fast path always misses
 
     def __init__(self, members: Iterable[T] = ()) -> None:
         self.members: list[T] = list(members)

@@ -300,7 +300,6 @@ class ClientConnection(ClientBase, asyncio.Protocol):
         self.limits = server.limits
         self.loop = server.loop
         self.port_router = port_router  # a service's own listener: its members, whatever the Host
-        self.exact_hosts = server.router.exact if port_router is None else port_router.exact
         self.transport = None
         self.client_addr = b""
         self.client_host = ""
@@ -534,10 +533,8 @@ class ClientConnection(ClientBase, asyncio.Protocol):
         if limits.max_body_size and head.body_length > limits.max_body_size:
             self._reject(413, "body too large")
             return
-        host = head.host
-        route = self.exact_hosts.get(host)  # one dict lookup for the common case
-        if route is None or route.__class__ is not ServiceRoute:
-            route = (self.port_router or self.server.router).route(host, path)
+        # the server's current table (a reload replaces it), or the service's own listener
+        route = (self.port_router or self.server.router).route(head.host, path)
         if route is None:
             self._local_response(head, limits.unknown_host_status)
             return

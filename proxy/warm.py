@@ -27,8 +27,10 @@ CLIENT_STATES = _impl.CLIENT_STATES
 WARM_PATH = _impl.WARM_PATH
 ClientBase = _impl.ClientBase
 Histogram = _impl.Histogram
+PathsBase = _impl.PathsBase
 PoolBase = _impl.PoolBase
 RouteBase = _impl.RouteBase
+RouterBase = _impl.RouterBase
 ServerBase = _impl.ServerBase
 StatusCounts = _impl.StatusCounts
 UpstreamBase = _impl.UpstreamBase
@@ -46,5 +48,5 @@ def warm_lease(board, slot: int, worker: int):
     return _native.WarmLease(board, slot, worker)
 
 
-__all__ = ["ACCESS_FLUSH_BYTES", "AccessLogBase", "BUCKETS", "CLIENT_STATES", "WARM_PATH", "ClientBase", "Histogram", "PoolBase",
-           "RouteBase", "ServerBase", "StatusCounts", "UpstreamBase", "WarmLease", "warm_counts", "warm_lease"]
+__all__ = ["ACCESS_FLUSH_BYTES", "AccessLogBase", "BUCKETS", "CLIENT_STATES", "WARM_PATH", "ClientBase", "Histogram", "PathsBase",
+           "PoolBase", "RouteBase", "RouterBase", "ServerBase", "StatusCounts", "UpstreamBase", "WarmLease", "warm_counts", "warm_lease"]

@@ -124,13 +124,18 @@ EXCHANGES = {
                   [b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"], 3),
     "until close": (b"GET /m HTTP/1.1\r\nHost: s.test\r\n\r\n", [b"HTTP/1.1 200 OK\r\n\r\nstream"], 1),
     "unknown host": (b"GET /n HTTP/1.1\r\nHost: other.test\r\n\r\n", [], 3),
+    "a wildcard host": (b"GET /q HTTP/1.1\r\nHost: a.wild.test\r\n\r\n",
+                        [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"], 3),
+    "a path prefix": (b"GET /api/r?x=1 HTTP/1.1\r\nHost: p.test\r\n\r\n",
+                      [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"], 3),
+    "outside every prefix": (b"GET /apix HTTP/1.1\r\nHost: p.test\r\n\r\n", [], 3),
     "pipelined": (b"GET /o HTTP/1.1\r\nHost: s.test\r\n\r\nGET /p HTTP/1.1\r\nHost: s.test\r\n\r\n",
                   [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"], 2),
 }
 # Exchanges whose response the Python path must take (a body framed by the close, a chunked body that
 # does not come whole in one read, no route); every other response is the warm path's (after a 1xx,
 # which the Python path relays, the final response too).
-PYTHON_ONLY = {"chunked, in pieces", "until close", "unknown host"}
+PYTHON_ONLY = {"chunked, in pieces", "until close", "unknown host", "outside every prefix"}
 
 
 async def _run(exchange: str, warm: bool, tmp_path) -> dict:
@@ -145,10 +150,12 @@ async def _run(exchange: str, warm: bool, tmp_path) -> dict:
     port = server.sockets[0].getsockname()[1]
     log = tmp_path / f"access-{warm}.log"
     config = from_dict({"proxy": {"listen": "127.0.0.1:0", "workers": 1}, "log": {"access": str(log)},
-                        "services": {"s": {"hosts": ["s.test"], "upstream": f"127.0.0.1:{port}"}}})
+                        "services": {"s": {"hosts": ["s.test", "*.wild.test"], "upstream": f"127.0.0.1:{port}"},
+                                     "p": {"hosts": ["p.test"], "paths": ["/api"], "upstream": f"127.0.0.1:{port}"}}})
     board = local_board(2)
     board.publish(0, READY, 0)
-    path = DataPath(config, board, 0, {"s": 0}, lambda slot: None)
+    board.publish(1, READY, 0)
+    path = DataPath(config, board, 0, {"s": 0, "p": 1}, lambda slot: None)
     path.server.warm = warm
     await path.start()
     before = warm_counts()
@@ -180,14 +187,15 @@ async def _run(exchange: str, warm: bool, tmp_path) -> dict:
             task.cancel()
         await asyncio.gather(*origin.tasks, return_exceptions=True)
     after = warm_counts()
-    stats = path.routes["s"].stats.export()
+    stats = {name: route.stats.export() for name, route in path.routes.items()}
     lines = [orjson.loads(line) for line in log.read_bytes().splitlines()] if log.exists() else []
     for line in lines:
         line.pop("time")
         line.pop("ms")
         line.pop("client")
-    return {"client": received, "origin": origin.received, "codes": stats["codes"],
-            "counts": [sum(stats[h][0]) for h in ("duration", "upstream", "queue", "connect")], "log": lines,
+    return {"client": received, "origin": origin.received, "codes": {name: s["codes"] for name, s in stats.items()},
+            "counts": {name: [sum(s[h][0]) for h in ("duration", "upstream", "queue", "connect")]
+                       for name, s in stats.items()}, "log": lines,
             "warm": (after[0] - before[0], after[1] - before[1])}
 
 

@@ -169,13 +169,16 @@ def test_outputs_written(tiny_run):
 
 def test_measure_counts_instructions(tiny_run):
     """The measure scenario (part of `bench all`): wall-time costs, the /metrics scrape, and callgrind's
-    count of instructions per request, which must rank the variants as their work does."""
+    count of instructions per request. The access log line costs several percent, more than the
+    count's spread over a tiny run (about 2%), so it must rank above metrics alone; metrics alone
+    cost about as much as that spread, so bare and metrics need only be close."""
     folder, results, _ = tiny_run
     section = results["sections"]["measure"]
     assert {"bare", "metrics-only", "measured", "direct"} <= set(section["cases"][0]["targets"])
     assert section["metrics_scrape"]["bytes"] > 0
     counted = section["instructions"]["per_request"]
-    assert 5_000 < counted["bare"] < counted["metrics"] < counted["metrics + access log"] < 10 * counted["bare"]
+    assert counted["bare"] > 5_000
+    assert 0.97 * counted["bare"] < counted["metrics"] < counted["metrics + access log"] < 2 * counted["bare"]
     (md,) = folder.glob("all-*.md")
     assert "### measure" in md.read_text() and "Instructions per request" in md.read_text()
 

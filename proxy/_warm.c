@@ -181,16 +181,27 @@ static PyTypeObject HistogramType = {
 
 #define STATUS_MIN 100
 #define STATUS_MAX 599 /* RFC 9110 section 15: three digits, 1xx to 5xx */
+#define STATUS_INLINE 4 /* codes kept inside the object: most services answer with a handful */
+
+/* The pairs are sorted by code, and a code is there only with a count above zero. A sparse table
+   rather than an array of every code: 10,000 configured services would carry 40 MB of zeros. */
+typedef struct {
+    unsigned short code;
+    unsigned long long count;
+} CodeCount;
 
 typedef struct {
     PyObject_HEAD
-    unsigned long long counts[STATUS_MAX - STATUS_MIN + 1];
+    Py_ssize_t used, capacity;
+    CodeCount *pairs; /* inline_pairs, or a PyMem block when more codes were seen */
+    CodeCount inline_pairs[STATUS_INLINE];
 } StatusCounts;
 
 static PyTypeObject StatusCountsType;
 
+/* The code of a key, or -1 when it is an int outside 100-599 (missing_ok) or -2 with an error set. */
 static int
-status_index(PyObject *key, int missing_ok)
+status_code(PyObject *key, int missing_ok)
 {
     long code = PyLong_Check(key) ? PyLong_AsLong(key) : -1;
     if (code == -1 && PyErr_Occurred()) return -2;
@@ -200,7 +211,66 @@ status_index(PyObject *key, int missing_ok)
         else PyErr_SetString(PyExc_TypeError, "status codes are int");
         return -2;
     }
-    return (int)(code - STATUS_MIN);
+    return (int)code;
+}
+
+/* Where code is in the pairs, or where it would go (*found says which). */
+static Py_ssize_t
+counts_find(StatusCounts *self, int code, int *found)
+{
+    Py_ssize_t i = 0;
+    while (i < self->used && self->pairs[i].code < code) i++;
+    *found = i < self->used && self->pairs[i].code == code;
+    return i;
+}
+
+/* The count of code, made to exist with 0 if it did not; NULL (MemoryError) when it cannot grow. */
+static unsigned long long *
+counts_slot(StatusCounts *self, int code)
+{
+    int found;
+    Py_ssize_t i = counts_find(self, code, &found);
+    if (found) return &self->pairs[i].count;
+    if (self->used == self->capacity) {
+        Py_ssize_t capacity = self->capacity * 2;
+        CodeCount *pairs = PyMem_Malloc(capacity * sizeof(CodeCount));
+        if (!pairs) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memcpy(pairs, self->pairs, self->used * sizeof(CodeCount));
+        if (self->pairs != self->inline_pairs) PyMem_Free(self->pairs);
+        self->pairs = pairs;
+        self->capacity = capacity;
+    }
+    memmove(&self->pairs[i + 1], &self->pairs[i], (self->used - i) * sizeof(CodeCount));
+    self->pairs[i].code = (unsigned short)code;
+    self->pairs[i].count = 0;
+    self->used++;
+    return &self->pairs[i].count;
+}
+
+static void
+counts_remove(StatusCounts *self, Py_ssize_t i)
+{
+    memmove(&self->pairs[i], &self->pairs[i + 1], (self->used - i - 1) * sizeof(CodeCount));
+    self->used--;
+}
+
+/* The warm path's count of one response; a code outside 100-599 is not counted (the parser
+   admits none). -1 with MemoryError when the table cannot grow. */
+static int
+counts_add_one(StatusCounts *self, int code)
+{
+    if (code < STATUS_MIN || code > STATUS_MAX) return 0;
+    if (self->used && self->pairs[0].code == code) { /* the common case: one code, or 200 first */
+        self->pairs[0].count++;
+        return 0;
+    }
+    unsigned long long *count = counts_slot(self, code);
+    if (!count) return -1;
+    (*count)++;
+    return 0;
 }
 
 static PyObject *
@@ -210,76 +280,93 @@ counts_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "StatusCounts() takes no arguments");
         return NULL;
     }
-    return type->tp_alloc(type, 0);
+    StatusCounts *self = (StatusCounts *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->pairs = self->inline_pairs;
+    self->capacity = STATUS_INLINE;
+    return (PyObject *)self;
+}
+
+static void
+counts_dealloc(StatusCounts *self)
+{
+    if (self->pairs != self->inline_pairs) PyMem_Free(self->pairs);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static Py_ssize_t
 counts_len(StatusCounts *self)
 {
-    Py_ssize_t n = 0;
-    for (int i = 0; i <= STATUS_MAX - STATUS_MIN; i++) n += self->counts[i] != 0;
-    return n;
+    return self->used;
 }
 
 static PyObject *
 counts_subscript(StatusCounts *self, PyObject *key)
 {
-    int i = status_index(key, 1);
-    if (i == -2) return NULL;
-    if (i < 0 || !self->counts[i]) {
+    int code = status_code(key, 1), found = 0;
+    if (code == -2) return NULL;
+    Py_ssize_t i = code < 0 ? 0 : counts_find(self, code, &found);
+    if (!found) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    return PyLong_FromUnsignedLongLong(self->counts[i]);
+    return PyLong_FromUnsignedLongLong(self->pairs[i].count);
 }
 
 static int
 counts_ass_subscript(StatusCounts *self, PyObject *key, PyObject *value)
 {
-    int i = status_index(key, 0);
-    if (i < 0) return -1;
+    int code = status_code(key, 0), found;
+    if (code < 0) return -1;
+    Py_ssize_t i = counts_find(self, code, &found);
     if (!value) {
-        if (!self->counts[i]) {
+        if (!found) {
             PyErr_SetObject(PyExc_KeyError, key);
             return -1;
         }
-        self->counts[i] = 0;
+        counts_remove(self, i);
         return 0;
     }
     unsigned long long n = PyLong_AsUnsignedLongLong(value);
     if (n == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-    self->counts[i] = n;
+    if (!n) { /* a count of 0 is no entry, as in the array this replaced */
+        if (found) counts_remove(self, i);
+        return 0;
+    }
+    unsigned long long *count = counts_slot(self, code);
+    if (!count) return -1;
+    *count = n;
     return 0;
 }
 
 static int
 counts_contains(StatusCounts *self, PyObject *key)
 {
-    int i = status_index(key, 1);
-    if (i == -2) {
+    int code = status_code(key, 1), found = 0;
+    if (code == -2) {
         PyErr_Clear();
         return 0;
     }
-    return i >= 0 && self->counts[i] != 0;
+    if (code >= 0) counts_find(self, code, &found);
+    return found;
 }
 
 /* 0: keys, 1: values, 2: items; codes ascending. */
 static PyObject *
 counts_list(StatusCounts *self, int what)
 {
-    PyObject *list = PyList_New(0);
+    PyObject *list = PyList_New(self->used);
     if (!list) return NULL;
-    for (int i = 0; i <= STATUS_MAX - STATUS_MIN; i++) {
-        if (!self->counts[i]) continue;
-        PyObject *item = what == 0 ? PyLong_FromLong(i + STATUS_MIN)
-                         : what == 1 ? PyLong_FromUnsignedLongLong(self->counts[i])
-                         : Py_BuildValue("(lK)", (long)(i + STATUS_MIN), self->counts[i]);
-        if (!item || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
+    for (Py_ssize_t i = 0; i < self->used; i++) {
+        CodeCount *pair = &self->pairs[i];
+        PyObject *item = what == 0 ? PyLong_FromLong(pair->code)
+                         : what == 1 ? PyLong_FromUnsignedLongLong(pair->count)
+                         : Py_BuildValue("(lK)", (long)pair->code, pair->count);
+        if (!item) {
             Py_DECREF(list);
             return NULL;
         }
-        Py_DECREF(item);
+        PyList_SET_ITEM(list, i, item);
     }
     return list;
 }
@@ -305,10 +392,11 @@ counts_get(StatusCounts *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "get(code, default=None)");
         return NULL;
     }
-    int i = status_index(args[0], 1);
-    if (i == -2) return NULL;
-    if (i < 0 || !self->counts[i]) return Py_NewRef(nargs == 2 ? args[1] : Py_None);
-    return PyLong_FromUnsignedLongLong(self->counts[i]);
+    int code = status_code(args[0], 1), found = 0;
+    if (code == -2) return NULL;
+    Py_ssize_t i = code < 0 ? 0 : counts_find(self, code, &found);
+    if (!found) return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    return PyLong_FromUnsignedLongLong(self->pairs[i].count);
 }
 
 static PyObject *
@@ -316,9 +404,8 @@ counts_as_dict(StatusCounts *self)
 {
     PyObject *d = PyDict_New();
     if (!d) return NULL;
-    for (int i = 0; i <= STATUS_MAX - STATUS_MIN; i++) {
-        if (!self->counts[i]) continue;
-        PyObject *k = PyLong_FromLong(i + STATUS_MIN), *v = PyLong_FromUnsignedLongLong(self->counts[i]);
+    for (Py_ssize_t i = 0; i < self->used; i++) {
+        PyObject *k = PyLong_FromLong(self->pairs[i].code), *v = PyLong_FromUnsignedLongLong(self->pairs[i].count);
         int r = (k && v) ? PyDict_SetItem(d, k, v) : -1;
         Py_XDECREF(k);
         Py_XDECREF(v);
@@ -376,9 +463,10 @@ static PyTypeObject StatusCountsType = {
     .tp_name = "proxy._speedups.StatusCounts",
     .tp_basicsize = sizeof(StatusCounts),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Requests per status code (100-599), a mapping as a dict of counts is, kept in a C array "
-              "(the warm path counts a request with one increment).",
+    .tp_doc = "Requests per status code (100-599), a mapping as a dict of counts is, kept in a sorted C "
+              "table of (code, count) pairs (the warm path counts a request with one increment).",
     .tp_new = counts_new,
+    .tp_dealloc = (destructor)counts_dealloc,
     .tp_as_mapping = &counts_mapping,
     .tp_as_sequence = &counts_sequence,
     .tp_iter = (getiterfunc)counts_iter,
@@ -1346,7 +1434,7 @@ record(ClientBase *self, RouteBase *route, RequestHead *req, double end)
     double total = self->t0 ? end - self->t0 : 0.0;
     double upstream = (self->t_first && self->t_sent) ? self->t_first - self->t_sent : 0.0;
     if (server->measure) {
-        if (status >= STATUS_MIN && status <= STATUS_MAX) ((StatusCounts *)route->codes)->counts[status - STATUS_MIN]++;
+        if (counts_add_one((StatusCounts *)route->codes, status) < 0) return -1;
         histogram_add((Histogram *)route->duration, total);
         if (upstream) histogram_add((Histogram *)route->upstream, upstream);
         if (self->t_held) histogram_add((Histogram *)route->queue, self->queue_s);

@@ -230,3 +230,21 @@ def test_status_counts_behave_as_a_dict_of_counts(impl):
     assert 200 in counts and 404 not in counts and sum(counts.values()) == 4 and sorted(counts) == [200, 503]
     with pytest.raises(KeyError):
         counts[404]
+
+
+def test_status_counts_keep_many_codes_in_order(impl):
+    """More codes than the C table keeps inline, counted and deleted in any order."""
+    counts, expected = impl.StatusCounts(), {}
+    codes = [503, 200, 404, 100, 599, 301, 200, 302, 500, 204, 200, 418, 101, 503]
+    for code in codes * 3:
+        counts[code] = counts.get(code, 0) + 1
+        expected[code] = expected.get(code, 0) + 1
+    assert counts == expected and sorted(counts) == sorted(expected) and len(counts) == len(expected)
+    for code in (100, 599, 200, 301):
+        del counts[code]
+        del expected[code]
+    assert counts == expected and sorted(counts.items()) == sorted(expected.items())
+    assert 200 not in counts and counts.get(200) is None
+    for code in sorted(expected, reverse=True):
+        del counts[code]
+    assert len(counts) == 0 and counts == {}

@@ -328,10 +328,13 @@ def markdown(results: dict) -> str:
         if "per_request" in counted:
             lines += ["", f"Instructions per request (callgrind, user space, {counted['requests']} keep-alive requests "
                       "after warm-up; steadier than wall time here):", "",
-                      "| variant | instructions per request | vs bare |", "| --- | --- | --- |"]
+                      "| variant | instructions per request | vs bare | vs the row above |", "| --- | --- | --- | --- |"]
+            previous = None
             for name, value in counted["per_request"].items():
-                vs = f"+{counted['vs_bare'][name] * 100:.1f}%" if name in counted["vs_bare"] else "-"
-                lines.append(f"| {name} | {value:,.0f} | {vs} |")
+                vs = f"{counted['vs_bare'][name] * 100:+.1f}%" if name in counted["vs_bare"] else "-"
+                step = f"{(value / previous - 1) * 100:+.1f}%" if previous else "-"
+                lines.append(f"| {name} | {value:,.0f} | {vs} | {step} |")
+                previous = value
         elif counted:
             lines += ["", f"Instructions not counted: {counted['not_measured']}."]
         return "\n".join(lines) + "\n"

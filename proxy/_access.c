@@ -142,12 +142,7 @@ wg_access_append(PyObject *log, const AccessLine *line)
         self->buf = grown;
         self->cap = cap;
     }
-    char *p = wg_access_format(self->buf + self->len, self->buf + self->len + room, line);
-    if (!p) {
-        PyErr_SetString(PyExc_SystemError, "access log: a line outgrew its room");
-        return -1;
-    }
-    self->len = p - self->buf;
+    self->len = wg_access_format_fitted(self->buf + self->len, line) - self->buf;
     self->lines++;
     return self->len > ACCESS_FLUSH_BYTES ? hand_over(self) : 0;
 }

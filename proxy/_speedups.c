@@ -1457,20 +1457,18 @@ write6(char *out, unsigned v)
     return write3(out, v % 1000);
 }
 
-/* us as a decimal with `decimals` places of its unit (3: milliseconds, 6: seconds). */
-static char *
-write_fixed(char *out, unsigned long long us, int decimals)
+/* Seconds as milliseconds with three decimals, inlined into the line's writer: it runs for every
+   duration of every line, and under ten milliseconds (the usual case) it is a digit, a point and
+   three more. */
+static inline __attribute__((always_inline)) char *
+write_ms(char *out, double seconds)
 {
-    if (decimals == 3) {
-        unsigned long long whole = us / 1000;
-        if (whole < 10) *out++ = (char)('0' + whole);  /* under ten milliseconds, the usual case */
-        else out = write_digits(out, whole, 1);
-        *out++ = '.';
-        return write3(out, (unsigned)(us % 1000));
-    }
-    out = write_digits(out, us / 1000000ULL, 1);
+    unsigned long long us = access_micros(seconds > 0.0 && seconds < ACCESS_NUMBER_MAX ? seconds : 0.0);
+    unsigned long long whole = us / 1000;
+    if (whole < 10) *out++ = (char)('0' + whole);
+    else out = write_digits(out, whole, 1);
     *out++ = '.';
-    return write6(out, (unsigned)(us % 1000000ULL));
+    return write3(out, (unsigned)(us % 1000));
 }
 
 /* The line, written in one pass. One check of the room first, against a bound that every piece
@@ -1483,12 +1481,17 @@ char *
 wg_access_format(char *p, const char *limit, const AccessLine *l)
 {
     if (wg_access_room(l) > limit - p) return NULL;
+    return wg_access_format_fitted(p, l);
+}
+
+char *
+wg_access_format_fitted(char *p, const AccessLine *l)
+{
 #define TEXT(literal) (memcpy(p, literal, sizeof(literal) - 1), p += sizeof(literal) - 1)
 #define STRING(s, n) (p = json_escape(p, (const unsigned char *)(s), (n)))
 #define INT(v) (p = ((v) < 0 ? (*p++ = '-', write_digits(p, 0ULL - (unsigned long long)(v), 1)) \
                              : write_digits(p, (unsigned long long)(v), 1)))
-#define MS(v) ((v) == 0.0 ? (void)TEXT("0.000") \
-                           : (void)(p = write_fixed(p, access_micros((v) > 0.0 && (v) < ACCESS_NUMBER_MAX ? (v) : 0.0), 3)))
+#define MS(v) ((v) == 0.0 ? (void)TEXT("0.000") : (void)(p = write_ms(p, (v))))
 /* A string that needs no escaping, copied as it is. */
 #define PLAIN(s, n) (memcpy(p, (s), (size_t)(n)), p += (n))
     double when = (l->when >= 0.0 && l->when < ACCESS_NUMBER_MAX) ? l->when : 0.0;
@@ -1509,30 +1512,51 @@ wg_access_format(char *p, const char *limit, const AccessLine *l)
         p = write6(p, (unsigned)(us % 1000000ULL));
     }
     if (l->service_text) {
-        PLAIN(l->service_text, l->service_text_len);
+        memcpy(p, l->service_text, ACCESS_SERVICE_TEXT);
+        p += l->service_text_len;
     } else {
         TEXT(",\"service\":\"");
         if (l->plain) PLAIN(l->service, l->service_len);
         else STRING(l->service, l->service_len);
         TEXT("\",\"method\":\"");
     }
-    if (l->plain) PLAIN(l->method, l->method_len);  /* a method is a token (RFC 9110 5.6.2): never escaped */
-    else STRING(l->method, l->method_len);
+    if (l->plain && l->method_len <= ACCESS_METHOD_COPY && l->method_room >= ACCESS_METHOD_COPY) {
+        memcpy(p, l->method, ACCESS_METHOD_COPY); /* a method is a token (RFC 9110 5.6.2): never escaped */
+        p += l->method_len;
+    } else if (l->plain) {
+        PLAIN(l->method, l->method_len);
+    } else {
+        STRING(l->method, l->method_len);
+    }
     TEXT("\",\"path\":\"");
-    STRING(l->target, l->target_len);
+    { /* the plain bytes in front inline (a path usually is all plain), the rest through json_escape */
+        const unsigned char *s = (const unsigned char *)l->target;
+        Py_ssize_t i = 0, n = l->target_len;
+        while (i < n && json_plain[s[i]]) p[i] = (char)s[i], i++;
+        p += i;
+        if (i < n) STRING(s + i, n - i);
+    }
     TEXT("\",\"status\":");
     if (l->status >= 100 && l->status <= 999) p = write3(p, (unsigned)l->status);
     else INT(l->status);
-    TEXT(",\"bytes_in\":");
-    INT(l->bytes_in);
+    if (l->bytes_in == 0) { /* a request without a body */
+        TEXT(",\"bytes_in\":0");
+    } else {
+        TEXT(",\"bytes_in\":");
+        INT(l->bytes_in);
+    }
     TEXT(",\"bytes_out\":");
     INT(l->bytes_out);
     TEXT(",\"ms\":{\"total\":");
     MS(l->total);
-    TEXT(",\"queue\":");
-    MS(l->queue);
-    TEXT(",\"connect\":");
-    MS(l->connect);
+    if (l->queue == 0.0 && l->connect == 0.0) { /* no wake, a pooled connection: the usual request */
+        TEXT(",\"queue\":0.000,\"connect\":0.000");
+    } else {
+        TEXT(",\"queue\":");
+        MS(l->queue);
+        TEXT(",\"connect\":");
+        MS(l->connect);
+    }
     TEXT(",\"upstream\":");
     MS(l->upstream);
     if (l->woke)
@@ -1540,7 +1564,8 @@ wg_access_format(char *p, const char *limit, const AccessLine *l)
     else
         TEXT("},\"woke\":false");
     if (l->client_text) {
-        PLAIN(l->client_text, l->client_text_len);
+        memcpy(p, l->client_text, ACCESS_CLIENT_TEXT);
+        p += l->client_text_len;
     } else {
         TEXT(",\"client\":\"");
         if (l->plain) PLAIN(l->client, l->client_len);

@@ -115,13 +115,22 @@ typedef struct {
     long long status, bytes_in, bytes_out;
     int woke;
     int plain; /* service and client need no escaping (a validated name, an address): copied as they are */
-    /* optional, made once by the caller: `,"service":"NAME","method":"` and `,"client":"ADDR"}\n` */
+    Py_ssize_t method_room; /* bytes that can be read from method (0: its length): from ACCESS_METHOD_COPY
+                               up, a short method is copied as that many bytes (a few moves, no call) */
+    /* optional, made once by the caller: `,"service":"NAME","method":"` and `,"client":"ADDR"}\n`, in
+       buffers of ACCESS_SERVICE_TEXT and ACCESS_CLIENT_TEXT bytes, copied whole (a fixed-size copy
+       is a few moves; a call to memcpy for the length costs more than the bytes) */
     const char *service_text, *client_text;
     Py_ssize_t service_text_len, client_text_len;
 } AccessLine;
 
 #define ACCESS_FLUSH_BYTES (16 * 1024) /* a batch goes to the writer thread at this size: it stays in the CPU's cache */
-#define ACCESS_FIXED_BYTES 512 /* a line's template and numbers; its strings are added to this */
+#define ACCESS_METHOD_COPY 16 /* a method this long or shorter is copied as 16 bytes (see method_room) */
+#define ACCESS_SERVICE_TEXT 96 /* the buffers of AccessLine's service_text and client_text */
+#define ACCESS_CLIENT_TEXT 64
+/* a line's template and numbers (under 400 bytes), and the whole-buffer copies of the texts; its
+   strings are added to this */
+#define ACCESS_FIXED_BYTES (512 + ACCESS_METHOD_COPY + ACCESS_SERVICE_TEXT + ACCESS_CLIENT_TEXT)
 
 /* The most bytes a line takes, then the line written from p (NULL: it outgrew that: a bug). */
 static inline Py_ssize_t
@@ -130,6 +139,8 @@ wg_access_room(const AccessLine *l)
     return ACCESS_FIXED_BYTES + 6 * (l->service_len + l->method_len + l->target_len + l->client_len);
 }
 char *wg_access_format(char *p, const char *limit, const AccessLine *l);
+/* The same, where the caller made sure of wg_access_room(l) bytes from p. */
+char *wg_access_format_fitted(char *p, const AccessLine *l);
 /* The line appended to a bytearray; its new length, or -1 with an exception. */
 Py_ssize_t wg_access_line(PyObject *buffer, const AccessLine *l);
 

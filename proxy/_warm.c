@@ -585,7 +585,7 @@ typedef struct {
     PyObject *warm;     /* the gate's WarmLease, taken when service is set; NULL: no warm path */
     PyObject *codes;    /* stats.codes and its histograms, taken when stats is set */
     PyObject *duration, *upstream, *queue, *connect;
-    char access_text[96]; /* `,"service":"NAME","method":"` for the access log, once (0 bytes: not yet) */
+    char access_text[ACCESS_SERVICE_TEXT]; /* `,"service":"NAME","method":"` for the access log, once (0 bytes: not yet) */
     Py_ssize_t access_text_len;
     PyObject *access_text_for; /* the name_bytes it was made from (compared, never dereferenced) */
 } RouteBase;
@@ -1144,7 +1144,7 @@ typedef struct {
     int status_sent;
     long long bytes_out;
     PyObject *write, *write_for;  /* transport.write, bound once (write_to) */
-    char access_text[64]; /* `,"client":"ADDR"}\n` for the access log, once (0 bytes: not yet) */
+    char access_text[ACCESS_CLIENT_TEXT]; /* `,"client":"ADDR"}\n` for the access log, once (0 bytes: not yet) */
     Py_ssize_t access_text_len;
     PyObject *access_text_for; /* the client_addr it was made from (compared, never dereferenced) */
     /* the limits the warm path reads, copied by _warm_limits() from limits */
@@ -1445,6 +1445,7 @@ record(ClientBase *self, RouteBase *route, RequestHead *req, double end)
     const char *raw = PyBytes_AS_STRING(req->raw);
     AccessLine line = {.total = total, .queue = self->queue_s, .connect = self->connect_s, .upstream = upstream,
                        .method = raw + req->lead, .method_len = req->method_len,
+                       .method_room = PyBytes_GET_SIZE(req->raw) - req->lead,
                        .target = raw + req->target.off, .target_len = req->target.len,
                        .client = "", .client_len = 0, .status = status,
                        .bytes_in = req->length + self->req_body_seen, .bytes_out = self->bytes_out,

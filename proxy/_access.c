@@ -8,11 +8,15 @@
 #include "_speedups.h"
 #include <structmember.h>
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
+#include <time.h>
 #include <string.h>
 #include <unistd.h>
 
 #define ACCESS_FIRST_CAPACITY (32 * 1024)
+#define ACCESS_POLL_MS 100 /* a writer waiting on a pipe looks this often whether it was let go */
+#define ACCESS_DEALLOC_WAIT 5.0 /* a log dropped without close(): seconds its writer gets to finish */
 
 typedef struct Batch {
     struct Batch *next;
@@ -34,8 +38,37 @@ typedef struct {
     long long queued_lines;
     unsigned long long dropped, write_errors;
     int last_errno, started, stopping;
+    int abandon;           /* close() waited long enough: what is still queued is dropped (and counted) */
+    int finished;          /* the writer is through; `done` is signalled */
+    pthread_cond_t done;
     pthread_t thread;
 } AccessLogBase;
+
+static long long
+count_lines(const char *p, const char *end)
+{
+    long long n = 0;
+    while ((p = memchr(p, '\n', (size_t)(end - p)))) n++, p++;
+    return n;
+}
+
+/* Whether fd takes a write now, waiting for it (a pipe or socket whose reader is slow) until it
+ * does, or until close() lets the writer go (0). Asked only of pipes and sockets: a file's write
+ * does not wait on a reader. */
+static int
+wait_writable(AccessLogBase *self)
+{
+    struct pollfd pfd = {.fd = self->fd, .events = POLLOUT};
+    for (;;) {
+        int n = poll(&pfd, 1, ACCESS_POLL_MS);
+        if (n > 0) return 1; /* writable, or an error the write will report */
+        if (n < 0 && errno != EINTR) return 1;
+        pthread_mutex_lock(&self->mu);
+        int abandon = self->abandon;
+        pthread_mutex_unlock(&self->mu);
+        if (abandon) return 0;
+    }
+}
 
 /* The writer: batches in order, each write ending at a line's end on a pipe (writes up to PIPE_BUF
  * stay whole there), a short write finished so that the next line starts clean. */
@@ -49,6 +82,13 @@ write_batch(AccessLogBase *self, Batch *b)
             const char *cut = p + self->piece;
             while (cut > p && cut[-1] != '\n') cut--;
             stop = cut > p ? cut : end; /* a line longer than a pipe's atom goes alone */
+        }
+        if (self->piece && !wait_writable(self)) {
+            long long lost = count_lines(p, end);
+            pthread_mutex_lock(&self->mu);
+            self->dropped += (unsigned long long)lost;
+            pthread_mutex_unlock(&self->mu);
+            return; /* let go by close(): the rest of the batch is dropped, counted */
         }
         while (p < stop) {
             ssize_t n = write(self->fd, p, (size_t)(stop - p));
@@ -75,13 +115,17 @@ writer(void *arg)
             pthread_cond_wait(&self->cv, &self->mu);
         Batch *b = self->head;
         if (!b) {
+            self->finished = 1; /* stopping, and nothing left */
+            pthread_cond_broadcast(&self->done);
             pthread_mutex_unlock(&self->mu);
-            return NULL; /* stopping, and nothing left */
+            return NULL;
         }
         self->head = b->next;
         if (!self->head) self->tail = NULL;
+        int abandon = self->abandon;
+        if (abandon) self->dropped += (unsigned long long)b->lines;
         pthread_mutex_unlock(&self->mu);
-        write_batch(self, b);
+        if (!abandon) write_batch(self, b);
         pthread_mutex_lock(&self->mu);
         self->queued_lines -= b->lines;
         pthread_mutex_unlock(&self->mu);
@@ -175,18 +219,35 @@ access_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     }
     pthread_mutex_init(&self->mu, NULL);
     pthread_cond_init(&self->cv, NULL);
+    pthread_cond_init(&self->done, NULL);
     return (PyObject *)self;
 }
 
+/* The writer told to stop once the queue is written; after `wait` seconds (below 0: no limit) it is
+ * let go: what it has not written is dropped and counted, and a wait on a reader that stopped
+ * reading ends within ACCESS_POLL_MS. (A write() to a file on a disk that hangs cannot be cut short.) */
 static void
-stop_writer(AccessLogBase *self)
+stop_writer(AccessLogBase *self, double wait)
 {
     if (!self->started) return;
+    Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->mu);
     self->stopping = 1;
     pthread_cond_signal(&self->cv);
+    if (wait >= 0) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)wait;
+        until.tv_nsec += (long)((wait - (double)(time_t)wait) * 1e9);
+        if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+        while (!self->finished)
+            if (pthread_cond_timedwait(&self->done, &self->mu, &until) == ETIMEDOUT) break;
+        if (!self->finished) {
+            self->abandon = 1;
+            pthread_cond_signal(&self->cv);
+        }
+    }
     pthread_mutex_unlock(&self->mu);
-    Py_BEGIN_ALLOW_THREADS
     pthread_join(self->thread, NULL);
     Py_END_ALLOW_THREADS
     self->started = 0;
@@ -195,7 +256,7 @@ stop_writer(AccessLogBase *self)
 static void
 access_dealloc(AccessLogBase *self)
 {
-    stop_writer(self);
+    stop_writer(self, ACCESS_DEALLOC_WAIT);
     while (self->head) {
         Batch *b = self->head;
         self->head = b->next;
@@ -205,6 +266,7 @@ access_dealloc(AccessLogBase *self)
     PyMem_RawFree(self->buf);
     pthread_mutex_destroy(&self->mu);
     pthread_cond_destroy(&self->cv);
+    pthread_cond_destroy(&self->done);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -224,7 +286,7 @@ access_open(AccessLogBase *self, PyObject *args)
     self->piece = piece;
     self->wall_offset = wall_offset;
     self->max_pending = max_pending;
-    self->stopping = 0;
+    self->stopping = self->abandon = self->finished = 0;
     int err = pthread_create(&self->thread, NULL, writer, self);
     if (err) {
         errno = err;
@@ -278,10 +340,21 @@ access_flush(AccessLogBase *self, PyObject *unused)
 }
 
 static PyObject *
-access_close(AccessLogBase *self, PyObject *unused)
+access_close(AccessLogBase *self, PyObject *args)
 {
+    PyObject *wait_arg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:close", &wait_arg)) return NULL;
+    double wait = -1.0;
+    if (wait_arg != Py_None) {
+        wait = PyFloat_AsDouble(wait_arg);
+        if (wait == -1.0 && PyErr_Occurred()) return NULL;
+        if (!(wait >= 0.0 && wait < 1e9)) {
+            PyErr_SetString(PyExc_ValueError, "close(wait): seconds, at least 0");
+            return NULL;
+        }
+    }
     if (hand_over(self) < 0) return NULL;
-    stop_writer(self);
+    stop_writer(self, wait);
     Py_RETURN_NONE;
 }
 
@@ -322,7 +395,9 @@ static PyMethodDef access_methods[] = {
      "append(when, service, method, target, status, bytes_in, bytes_out, total, queue, connect, upstream, woke, "
      "client): one line"},
     {"flush", (PyCFunction)access_flush, METH_NOARGS, "hand the lines so far to the writer"},
-    {"close", (PyCFunction)access_close, METH_NOARGS, "flush, then wait for the writer to write everything and stop"},
+    {"close", (PyCFunction)access_close, METH_VARARGS,
+     "close(wait=None): flush, then wait for the writer to write everything and stop; after `wait` seconds, "
+     "what is not written yet is dropped (and counted)"},
     {"take_dropped", (PyCFunction)access_take_dropped, METH_NOARGS, "lines dropped since the last call"},
     {"take_errors", (PyCFunction)access_take_errors, METH_NOARGS, "(failed writes since the last call, last errno)"},
     {NULL}};

@@ -704,6 +704,7 @@ def append_access_line(buffer, time, service, method, target, status, bytes_in, 
 import asyncio as _asyncio
 import os as _os
 import queue as _queue
+import select as _select
 import threading as _threading
 from bisect import bisect_left as _bisect_left
 
@@ -715,6 +716,7 @@ BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 ACCESS_FLUSH_BYTES = 16 * 1024  # access log lines are handed to the writer at this size (or every 100 ms)
+ACCESS_POLL_SECONDS = 0.1  # a writer waiting on a pipe looks this often whether close() let it go
 CLIENT_STATES = tuple(range(7))  # HEAD, BODY, HELD, CONNECTING, EXCHANGE, TUNNEL, CLOSED
 
 
@@ -800,6 +802,7 @@ class AccessLogBase:
         self._errors = (0, 0)
         self._lock = _threading.Lock()
         self._thread = None
+        self._abandon = False  # close() waited long enough: what is still queued is dropped (and counted)
 
     def _open(self, fd: int, piece: int, wall_offset: float, max_pending: int) -> None:
         """Start the writer on fd (piece: 0 for a file, PIPE_BUF for a pipe: writes end at a line's end
@@ -850,12 +853,19 @@ class AccessLogBase:
             errors, self._errors = self._errors, (0, self._errors[1])
         return errors
 
-    def close(self) -> None:
-        """Flush, then wait for the writer to write everything and stop."""
+    def close(self, wait: float | None = None) -> None:
+        """Flush, then wait for the writer to write everything and stop; after `wait` seconds, what is
+        not written yet is dropped (and counted), and a wait on a reader that stopped reading ends
+        within ACCESS_POLL_SECONDS."""
+        if wait is not None and not 0 <= wait < 1e9:
+            raise ValueError("close(wait): seconds, at least 0")
         self.flush()
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join()
+            self._thread.join(wait)
+            if self._thread.is_alive():
+                self._abandon = True
+                self._thread.join()
             self._thread = None
 
     def _write(self) -> None:
@@ -864,6 +874,11 @@ class AccessLogBase:
             if item is None:
                 break
             n, data = item
+            if self._abandon:
+                with self._lock:
+                    self._dropped += n
+                    self._pending -= n
+                continue
             try:
                 self._write_lines(data)
             except OSError as exc:  # a full disk must not take the proxy down: counted, reported by the owner
@@ -872,6 +887,15 @@ class AccessLogBase:
             with self._lock:
                 self._pending -= n
 
+    def _wait_writable(self) -> bool:
+        """Whether the pipe takes a write now, waiting until it does or close() lets the writer go."""
+        poller = _select.poll()
+        poller.register(self._fd, _select.POLLOUT)
+        while not poller.poll(ACCESS_POLL_SECONDS * 1000):
+            if self._abandon:
+                return False
+        return True
+
     def _write_lines(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
@@ -879,6 +903,10 @@ class AccessLogBase:
             if self._piece and end > self._piece:
                 cut = bytes(view[:self._piece]).rfind(b"\n")
                 end = cut + 1 if cut >= 0 else len(view)  # a line longer than a pipe's atom goes alone
+            if self._piece and not self._wait_writable():
+                with self._lock:
+                    self._dropped += bytes(view).count(b"\n")
+                return
             written = _os.write(self._fd, view[:end])
             if written < end:  # a short write (full disk): finish the line, so the next starts clean
                 rest = view[written:end]

@@ -21,6 +21,10 @@ log = logging.getLogger("wakegate.metrics")
 
 ACCESS_FLUSH_SECONDS = 0.1  # access log lines wait at most this long for the writer thread
 ACCESS_MAX_PENDING = 100_000  # lines waiting for a slow disk beyond this are dropped (and counted)
+# A log reader that stops reading (a stalled journald or pipe) must not hold up a shutdown or a
+# reload: close() waits this long for the queued lines, then drops what is left (and counts it).
+# The default drain is 30 s and systemd's stop timeout 90 s; a healthy disk needs milliseconds.
+ACCESS_CLOSE_SECONDS = 5.0
 
 
 class WasmStats:
@@ -176,7 +180,12 @@ class AccessLog(AccessLogBase):
 
     def close(self) -> None:
         self._timer.cancel()
-        super().close()
+        super().close(ACCESS_CLOSE_SECONDS)
+        dropped = self.take_dropped()
+        if dropped:
+            self.stats.access_dropped += dropped
+            log.warning("access log %s: %d lines dropped: the reader fell behind or stopped taking them",
+                        self.target, dropped)
         self._account()
         if self.target != "-":
             os.close(self.fd)

@@ -393,3 +393,40 @@ def test_failed_writes_are_counted_not_raised(access_base):
     os.close(fd)
     assert log.take_errors() == (1, errno.ENOSPC)
     assert log.take_errors()[0] == 0
+
+
+def test_close_lets_a_writer_stuck_on_a_reader_go(access_base):
+    """A pipe nobody reads (a stalled journald): close(wait) returns after about `wait` seconds, and
+    every line it could not write is counted as dropped."""
+    import select
+    import time
+
+    read_end, write_end = os.pipe()
+    log = access_base()
+    log._open(write_end, select.PIPE_BUF, 0.0, 100_000)
+    for i in range(2000):  # ~300 KB: far more than the pipe holds
+        _line(log, i)
+    started = time.monotonic()
+    log.close(0.3)  # returns once the writer has stopped (it is joined)
+    waited = time.monotonic() - started
+    assert 0.3 <= waited < 3.0, waited
+    written = b""
+    os.set_blocking(read_end, False)
+    try:
+        while chunk := os.read(read_end, 1 << 16):
+            written += chunk
+    except BlockingIOError:
+        pass
+    os.close(write_end)
+    os.close(read_end)
+    lines = written.count(b"\n")
+    assert 0 < lines < 2000 and written.endswith(b"\n")  # whole lines only
+    assert log.take_dropped() == 2000 - lines and log.queued_lines == 0
+
+
+@pytest.mark.parametrize("wait", [-1, float("nan"), "soon"])
+def test_close_refuses_a_wait_that_is_not_seconds(access_base, wait):
+    log = access_base()
+    with pytest.raises((ValueError, TypeError)):
+        log.close(wait)
+    log.close()
